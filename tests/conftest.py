@@ -1,0 +1,29 @@
+"""Shared fixtures: a temporary run folder and the optional ../shared/data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from quadlib.runstore import RunStore
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(os.environ.get("QUAD_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    return RunStore(tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or a clean skip when this machine does not have it."""
+    if not (SHARED_DATA / "MANIFEST.json").exists():
+        pytest.skip(f"shared data not found at {SHARED_DATA.resolve()} (set QUAD_SHARED_DATA)")
+    return SHARED_DATA.resolve()
