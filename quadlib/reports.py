@@ -19,10 +19,14 @@ NOTEBOOKS = ("01_cluster", "02_score", "03_bandit", "04_ablate", "05_evaluate")
 REPORT_RENDERER = "plotly_mimetype+notebook"
 
 
-def use_report_renderer() -> None:
-    """Make plotly figures render in JupyterLab *and* survive conversion to HTML."""
+def notebook_setup() -> None:
+    """Common first step of every notebook: paths relative to the repository root, and plotly
+    figures that render in JupyterLab *and* survive conversion to HTML."""
+    import os
+
     import plotly.io as pio
 
+    os.chdir(REPO_ROOT)  # nbval runs notebooks from notebooks/, papermill from the root
     pio.renderers.default = REPORT_RENDERER
 
 
