@@ -1,0 +1,1 @@
+"""One module per selection method; `quadlib.selection.registry.SELECTORS` lists them by name."""

@@ -1,0 +1,84 @@
+"""The selector interface: `select(ctx, budget_tokens) -> Selection`, plus the shared plumbing.
+
+A method is a `Selector` subclass with a `name`, a settings dataclass and `_select`; the registry
+(`quadlib.selection.registry.SELECTORS`) maps names to classes, so a new method is one entry.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from quadlib.selection.context import Selection, SelectionContext, fill_budget
+from quadlib.selection.scoring import Cost
+
+
+@dataclass
+class NoSettings:
+    """For methods without parameters."""
+
+
+class Selector(ABC):
+    """Chooses documents from `ctx.pool` within a token budget; records its cost and parameters."""
+
+    name: ClassVar[str]
+    settings_type: ClassVar[type] = NoSettings
+
+    def __init__(self, settings: Any = None) -> None:
+        self.settings = settings if settings is not None else self.settings_type()
+        if not isinstance(self.settings, self.settings_type):
+            raise TypeError(f"{type(self).__name__} takes {self.settings_type.__name__}, got {type(self.settings).__name__}")
+
+    def select(self, ctx: SelectionContext, budget_tokens: int) -> Selection:
+        start = time.perf_counter()
+        selection = self._select(ctx, int(budget_tokens))
+        selection.wall_time_s = time.perf_counter() - start
+        return selection
+
+    @abstractmethod
+    def _select(self, ctx: SelectionContext, budget_tokens: int) -> Selection:
+        ...
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self.settings)
+
+    def ranked(self, ctx: SelectionContext, order: np.ndarray, scores: np.ndarray, budget_tokens: int,
+               cost: Cost, **extra: Any) -> Selection:
+        """A `Selection` from pool rows in priority order, by the shared budget rule.
+
+        `scores` is `[n_pool]` (NaN for unscored rows); the selection keeps the taken rows' scores.
+        """
+        n_tokens = ctx.pool["n_tokens"].to_numpy(dtype=np.int64)
+        rows = fill_budget(order, n_tokens, budget_tokens)
+        return Selection(method=self.name, ids=ctx.pool["id"].to_numpy()[rows].astype(str).tolist(),
+                         scores=np.asarray(scores, dtype=np.float64)[rows], cost=cost, params=self.params(),
+                         budget_tokens=budget_tokens, tokens_selected=int(n_tokens[rows].sum()), extra=extra)
+
+
+def rows_by_id(ctx: SelectionContext) -> np.ndarray:
+    """Pool rows sorted by id: every random draw starts from this order, never the input's."""
+    return np.argsort(ctx.pool["id"].to_numpy().astype(str), kind="stable")
+
+
+def random_rows(ctx: SelectionContext, size: int | None = None, salt: int = 0) -> np.ndarray:
+    """A seeded uniform sample (without replacement) of pool rows; all rows in random order when size is None."""
+    rng = np.random.default_rng([ctx.seed, salt])
+    by_id = rows_by_id(ctx)
+    perm = rng.permutation(len(by_id))
+    return by_id[perm if size is None else perm[:min(size, len(by_id))]]
+
+
+def descending(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions by score, highest first; ties by id (deterministic)."""
+    return np.lexsort((np.asarray(ids).astype(str), -np.asarray(scores, dtype=np.float64)))
+
+
+def forward_cost(ctx: SelectionContext, rows: np.ndarray, n_params: int | None) -> Cost:
+    """One forward pass per document of `rows` (rating or perplexity), costed with the pool's n_tokens."""
+    cost = Cost(docs_scored=len(rows))
+    cost.add_forward(len(rows), int(ctx.pool["n_tokens"].to_numpy()[rows].sum()), n_params)
+    return cost
