@@ -1,0 +1,72 @@
+"""Shared helpers of the executor tests: a small sharded corpus and fault-injecting steps.
+
+The steps wrap the real DSIR feature step, so the faults hit real per-shard work. They live in a
+module (not a test file) so a driver subprocess can import them and Ray workers can unpickle them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from quadlib.corpus import CorpusSettings, ingest
+from quadlib.execution.steps import DsirFeatureStep
+from quadlib.runstore import RunStore
+
+TOPICS = ("the harbour at night", "neutron stars and comets", "interest rates and markets",
+          "a recipe for bread", "football results", "python functions", "rain over the hills")
+
+
+def make_corpus(store: RunStore, tmp: Path, n_docs: int = 40, shard_size: int = 10) -> None:
+    """`n_docs` short, distinct documents ingested into `n_docs / shard_size` corpus shards."""
+    src = tmp / f"docs-{n_docs}.jsonl"
+    lines = [json.dumps({"id": f"doc-{i:03d}", "source": f"s{i % 3}",
+                         "text": f"Document {i} is about {TOPICS[i % len(TOPICS)]}; note {i * 7 % 11} of it."})
+             for i in range(n_docs)]
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ingest(store, src, settings=CorpusSettings(shard_size=shard_size))
+
+
+class CrashOnceStep(DsirFeatureStep):
+    """Kills its own worker process the first time it meets `victim` (a marker file remembers it)."""
+
+    holds_model = True  # run on an actor pool: the crash must kill an actor and be retried
+
+    def __init__(self, marker: Path, victim: str) -> None:
+        super().__init__(num_buckets=512, name="dsir-crash")
+        self.marker, self.victim = marker, victim
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.victim in set(batch["id"]) and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os._exit(1)  # a hard worker death: no exception, no cleanup
+        return super().process(batch)
+
+
+class SlowStep(DsirFeatureStep):
+    """The real DSIR step, slowed down so a driver can be killed between shards."""
+
+    def __init__(self, seconds: float = 0.4) -> None:
+        super().__init__(num_buckets=512, name="dsir-slow")
+        self.seconds = seconds
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        time.sleep(self.seconds)
+        return super().process(batch)
+
+
+def run_slow_step(root: str, executor: str, address: str | None) -> None:
+    """Driver entry point of the driver-kill tests: `python executor_steps.py <run> <executor> [address]`."""
+    from quadlib.execution import ExecutorSettings, RaySettings, make_executor
+
+    settings = ExecutorSettings(executor=executor, ray=RaySettings(address=address, num_workers=1))
+    make_executor(settings).run(SlowStep(), RunStore(root))
+
+
+if __name__ == "__main__":
+    run_slow_step(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)

@@ -1,0 +1,158 @@
+"""The local executor: per-shard steps, idempotent resumable shards, adapters equal to their modules."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from executor_steps import SlowStep, make_corpus
+
+from quadlib.cluster import assign
+from quadlib.embed import EmbedSettings, embed_corpus, embedding_path, load_embeddings
+from quadlib.execution import (ExecutorSettings, LocalExecutor, ShardStep, make_executor, read_step_output,
+                               shard_is_done)
+from quadlib.execution.steps import AssignStep, DsirFeatureStep, EmbedStep
+from quadlib.runstore import RunStore
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def corpus(store: RunStore, tmp_path: Path) -> RunStore:
+    make_corpus(store, tmp_path, n_docs=40, shard_size=10)
+    return store
+
+
+def test_dsir_step_writes_one_keyed_shard_per_input_with_markers(corpus: RunStore) -> None:
+    from data_selection.hashed_ngram_dsir import get_ngram_counts
+
+    step = DsirFeatureStep(num_buckets=256)
+    run = LocalExecutor().run(step, corpus)
+    assert run.rows == 40 and run.skipped == 0 and len(run.processed) == 4
+    assert [p.name for p in corpus.shards("dsir-features")] == [f"shard-0000{i}.parquet" for i in range(4)]
+    out = read_step_output(corpus, step)
+    texts = pd.read_parquet(corpus.shards("corpus")[0])["text"]
+    assert out["id"].tolist() == [f"doc-{i:03d}" for i in range(40)]
+    dense = get_ngram_counts(texts.iloc[3], n=2, num_buckets=256)
+    assert np.flatnonzero(dense).tolist() == out["buckets"].iloc[3].tolist()
+    assert dense[dense > 0].tolist() == out["counts"].iloc[3].tolist()
+    assert corpus.is_done("dsir-features") and corpus.done_info("dsir-features", "shard-00002")["rows"] == 10
+
+
+def test_finished_shards_are_skipped_and_a_changed_config_recomputes(corpus: RunStore) -> None:
+    step = DsirFeatureStep(num_buckets=256)
+    LocalExecutor().run(step, corpus)
+    assert LocalExecutor().run(step, corpus).processed == []  # the whole step is done
+    (corpus.root / "dsir-features" / "_done" / "_step.json").unlink()
+    (corpus.root / "dsir-features" / "_done" / "shard-00001.json").unlink()
+    again = LocalExecutor().run(step, corpus)
+    assert [r.shard for r in again.processed] == ["shard-00001"] and again.skipped == 3
+    changed = LocalExecutor().run(DsirFeatureStep(num_buckets=128), corpus)
+    assert len(changed.processed) == 4
+    assert max(max(b) for b in read_step_output(corpus, DsirFeatureStep(num_buckets=128))["buckets"]) < 128
+
+
+def test_a_reingested_shard_with_other_ids_is_not_reused(corpus: RunStore, tmp_path: Path) -> None:
+    step = DsirFeatureStep(num_buckets=64)
+    LocalExecutor().run(step, corpus)
+    shard = corpus.shards("corpus")[0]
+    assert shard_is_done(step, corpus, shard)
+    frame = pd.read_parquet(shard)
+    frame.assign(id=frame["id"] + "-new").to_parquet(shard, index=False)
+    assert not shard_is_done(step, corpus, shard)
+
+
+class _DropsRows(ShardStep):
+    name = "broken"
+
+    def params(self, store: RunStore) -> dict:
+        return {}
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return batch[["id"]].iloc[1:]
+
+
+def test_a_step_that_loses_rows_fails_naming_the_shard_and_writes_nothing(corpus: RunStore) -> None:
+    with pytest.raises(ValueError, match=r"shard-00000.*one row per input"):
+        LocalExecutor().run(_DropsRows(), corpus)
+    assert not list((corpus.root / "broken").glob("shard-*")) and not corpus.is_done("broken", "shard-00000")
+
+
+def test_unknown_executor_and_missing_input_are_clear_errors(store: RunStore) -> None:
+    with pytest.raises(ValueError, match="unknown executor 'spark'"):
+        make_executor(ExecutorSettings(executor="spark"))
+    with pytest.raises(FileNotFoundError, match="run the 'corpus' step first"):
+        LocalExecutor().run(DsirFeatureStep(), store)
+
+
+def test_embed_step_is_embed_corpus_and_they_finish_each_others_runs(corpus: RunStore) -> None:
+    """Same files, markers and config as quadlib.embed: one resumes what the other started."""
+    settings = EmbedSettings(max_seq_length=32)
+    embed_corpus(corpus, settings)
+    ids, reference = load_embeddings(corpus)
+    second = corpus.shards("corpus")[1]
+    embedding_path(corpus, second).unlink()  # as if embed_corpus had died before this shard
+    (corpus.root / "embed" / "_done" / "_step.json").unlink()
+    run = LocalExecutor().run(EmbedStep(settings), corpus)
+    assert [r.shard for r in run.processed] == ["shard-00001"] and run.skipped == 3
+    ids_after, vectors = load_embeddings(corpus)
+    assert ids_after == ids and np.abs(vectors - reference).max() < 1e-5
+    assert embed_corpus(corpus, settings) and corpus.is_done("embed")  # embed_corpus sees a finished step
+
+
+def test_assign_step_matches_quadlib_cluster_assign(corpus: RunStore) -> None:
+    rng = np.random.default_rng(0)
+    for shard in corpus.shards("corpus"):  # stand-in embeddings: assignment is what is tested here
+        np.save(embedding_path(corpus, shard), rng.normal(size=(10, 8)).astype(np.float32))
+    centroids = rng.normal(size=(5, 8)).astype(np.float32)
+    LocalExecutor().run(AssignStep(centroids, spherical=True), corpus)
+    out = read_step_output(corpus, AssignStep(centroids, spherical=True))
+    vectors = np.concatenate([np.load(embedding_path(corpus, s)) for s in corpus.shards("corpus")])
+    labels, distances = assign(vectors, centroids, spherical=True)
+    assert out["cluster"].tolist() == labels.tolist()
+    np.testing.assert_allclose(out["distance"], distances, atol=1e-6)
+
+
+def _done_shards(store: RunStore, step: str) -> int:
+    return len(list((store.root / step / "_done").glob("shard-*.json")))
+
+
+def run_killed_driver(store: RunStore, executor: str, address: str | None, at_least: int,
+                      timeout: float = 120.0) -> int:
+    """Start `SlowStep` in a driver subprocess, SIGKILL it once `at_least` shards are done; return that count."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    args = [sys.executable, str(TESTS / "executor_steps.py"), str(store.root), executor] + ([address] if address else [])
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while _done_shards(store, "dsir-slow") < at_least:
+            assert driver.poll() is None, f"the driver exited early with code {driver.returncode}"
+            assert time.monotonic() < deadline, "the driver made no progress"
+            time.sleep(0.05)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    return _done_shards(store, "dsir-slow")
+
+
+def assert_exactly_once(store: RunStore, step: ShardStep) -> None:
+    out = read_step_output(store, step)
+    expected = pd.concat([pd.read_parquet(s, columns=["id"]) for s in store.shards("corpus")])["id"]
+    assert out["id"].is_unique and sorted(out["id"]) == sorted(expected)
+    assert store.is_done(step.name)
+
+
+def test_a_killed_driver_resumes_from_finished_shards(store: RunStore, tmp_path: Path) -> None:
+    make_corpus(store, tmp_path, n_docs=32, shard_size=4)
+    done = run_killed_driver(store, "local", None, at_least=2)
+    assert 2 <= done < 8 and not store.is_done("dsir-slow")
+    resumed = LocalExecutor().run(SlowStep(seconds=0.0), store)
+    assert resumed.skipped == done and len(resumed.processed) == 8 - done
+    assert_exactly_once(store, SlowStep())
