@@ -149,11 +149,11 @@ def test_replay_from_the_cache_scores_nothing(setup, tmp_path):
     assert run_bandit(pool, assignments, cached, settings(), progress=False).ids == result.ids
     assert cached.calls == 0
     for overrides in ({"alpha": 0.5}, {"tau": 0.012}, {"gamma": 0.5}, {"k": 3}):
-        replayed = replay(cached.scores, pool, assignments, settings(), **overrides)
-        assert set(replayed.docs["id"]) <= set(cached.scores)
+        replayed = replay(cached.cached(pool["id"].tolist()), pool, assignments, settings(), **overrides)
+        assert set(replayed.docs["id"]) <= set(cached.cached(pool["id"].tolist()))
         assert replayed.tokens_selected <= settings().budget_tokens
     live.score(pool["id"].tolist())  # with the whole pool scored, a replay is the live run exactly
-    assert replay(live.scores, pool, assignments, settings()).ids == result.ids
+    assert replay(live.cached(pool["id"].tolist()), pool, assignments, settings()).ids == result.ids
 
 
 def test_bandit_prefers_better_clusters_but_explores(setup):

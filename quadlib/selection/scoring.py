@@ -3,8 +3,8 @@
 The selection code never depends on how influence is computed (`quadlib.influence` provides the
 estimators); it needs a `DocScorer` (ids -> scores, higher = more helpful to the reference) and a
 `Cost` it can report with every selection (the paper's FLOPs column). `CachingScorer` turns any
-text-scoring function into a `DocScorer` whose scores persist in a parquet file keyed by id, so a
-bandit replay with another alpha, tau or gamma recomputes nothing it has already scored.
+text-scoring function into a `DocScorer` whose scores persist in the influence step's `ScoreCache`
+(parquet keyed by id), so a bandit replay with another alpha, tau or gamma recomputes nothing.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import pandas as pd
-
-from quadlib.runstore import atomic_path
+from quadlib.influence.cache import ScoreCache
 
 TextScoreFn = Callable[[list[str]], np.ndarray]
 
@@ -82,45 +80,32 @@ class DocScorer(Protocol):
 
 
 class CachingScorer:
-    """A `DocScorer` over a text-scoring function, with a parquet cache (`id, score`) keyed by id.
+    """A `DocScorer` over a text-scoring function, cached by id in `quadlib.influence.cache.ScoreCache`.
 
     Only cache misses reach `score_texts`; `calls` counts those invocations, so a replay can prove
     it computed nothing. Cost assumes one forward and one backward pass per scored document (a
     per-example gradient, as influence estimators need); pass `passes=(1, 0)` for forward-only
-    scorers. The cache file is rewritten atomically after every batch of misses.
+    scorers. Name the cache file after the estimator, reference and model: one file, one identity.
     """
 
     def __init__(self, score_texts: TextScoreFn, texts: Mapping[str, str], n_tokens: Mapping[str, int],
-                 cache_path: str | Path | None = None, *, n_params: int | None = None,
+                 cache: ScoreCache | str | Path, *, n_params: int | None = None,
                  passes: tuple[int, int] = (1, 1)) -> None:
         self.score_texts = score_texts
         self.texts = texts
         self.n_tokens = n_tokens
-        self.cache_path = Path(cache_path) if cache_path is not None else None
+        self.cache = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
         self.n_params = n_params
         self.passes = passes
         self.cost = Cost()
         self.calls = 0
-        self.scores: dict[str, float] = self._read_cache()
 
-    def _read_cache(self) -> dict[str, float]:
-        if self.cache_path is None or not self.cache_path.exists():
-            return {}
-        frame = pd.read_parquet(self.cache_path)
-        if list(frame.columns) != ["id", "score"]:
-            raise ValueError(f"{self.cache_path}: a score cache needs columns ['id', 'score'], found "
-                             f"{list(frame.columns)}; delete the file to rebuild it")
-        return dict(zip(frame["id"].astype(str), frame["score"].astype(float), strict=True))
-
-    def _write_cache(self) -> None:
-        if self.cache_path is None:
-            return
-        frame = pd.DataFrame({"id": list(self.scores), "score": np.fromiter(self.scores.values(), float)})
-        with atomic_path(self.cache_path) as tmp:
-            frame.to_parquet(tmp, index=False)
+    def cached(self, ids: Sequence[str]) -> dict[str, float]:
+        """The cached scores of those `ids` that have one (for `quadlib.selection.bandit.replay`)."""
+        return self.cache.get(ids)
 
     def score(self, ids: Sequence[str]) -> np.ndarray:
-        missing = list(dict.fromkeys(i for i in ids if i not in self.scores))
+        missing = list(dict.fromkeys(i for i in ids if i not in self.cache))
         if missing:
             unknown = [i for i in missing if i not in self.texts]
             if unknown:
@@ -130,15 +115,15 @@ class CachingScorer:
             if values.shape != (len(missing),):
                 raise ValueError(f"score_texts returned shape {values.shape} for {len(missing)} texts")
             self.calls += 1
-            self.scores.update(zip(missing, values.tolist(), strict=True))
+            self.cache.put(missing, values)
             tokens = sum(int(self.n_tokens[i]) for i in missing)
             forward, backward = self.passes
             self.cost.docs_scored += len(missing)
             self.cost.add_forward(forward * len(missing), forward * tokens, self.n_params)
             if backward:
                 self.cost.add_backward(backward * len(missing), backward * tokens, self.n_params)
-            self._write_cache()
-        return np.array([self.scores[i] for i in ids], dtype=np.float64)
+        known = self.cache.get(ids)
+        return np.array([known[i] for i in ids], dtype=np.float64)
 
 
 class LookupScorer:
