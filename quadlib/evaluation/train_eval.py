@@ -1,0 +1,168 @@
+"""Train the proxy on each method's selection and evaluate it, per seed (issue 5, section 1).
+
+Every method is trained with the same `TrainSettings` (so the same token budget, schedule and
+hyper-parameters) and the same seeds, starting from the same model: the warm-up checkpoint, or a
+fresh initialisation of the same architecture (`from_scratch`). Per method and seed::
+
+    <run>/eval/<method>/seed-<s>/config.json     parameters (RunStore)
+    <run>/eval/<method>/seed-<s>/checkpoints/    resumable training checkpoints (removed when done)
+    <run>/eval/<method>/seed-<s>/model/          the trained model (config.json + model.safetensors)
+    <run>/eval/<method>/seed-<s>/metrics.json    every metric, the training summary and timings
+
+A finished (method, seed) pair is skipped; an interrupted one resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from quadlib.corpus import read_corpus
+from quadlib.device import default_device
+from quadlib.evaluation.lm_metrics import LMMetricSettings, heldout_domain_losses, lambada_metrics, reference_metrics
+from quadlib.evaluation.tasks import TaskSettings, evaluate_tasks, task_metrics
+from quadlib.proxy import MODEL_CONFIGS, TrainSettings, build_model, save_model, train_lm
+from quadlib.runstore import RunStore, write_json_atomic
+from quadlib.settings import setting
+
+EVAL_STEP = "eval"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class EvalSettings:
+    """What to measure after training; the same for every method and seed."""
+
+    reference_step: str | None = setting("reference", "run step holding the reference set; None skips it")
+    heldout_step: str | None = setting("heldout", "run step of held-out pool documents; None (or absent) skips it")
+    lambada: bool = setting(False, "also report LAMBADA last-word accuracy on the reference texts "
+                                   "(set when the reference set is LAMBADA)")
+    max_reference_docs: int | None = setting(None, "evaluate only the first N reference documents (None: all)")
+    max_heldout_docs: int | None = setting(None, "evaluate only the first N held-out documents (None: all)")
+    eval_dir: str | None = setting(None, "folder of the multiple-choice task files (../shared/data/eval); None skips tasks")
+    tasks: list[str] | None = setting(None, "task names; None: every registered task whose file exists")
+    task_limit: int | None = setting(None, "items per task (None: all)")
+    task_backend: str = setting("quad", "task scorer: 'quad' (ours) or 'lm_eval'")
+    batch_size: int = setting(16, "sequences per forward pass")
+    batch_tokens: int = setting(16_384, "padded tokens per forward pass")
+    progress: bool = setting(False, "show progress bars")
+
+    def lm_settings(self) -> LMMetricSettings:
+        return LMMetricSettings(batch_size=self.batch_size, batch_tokens=self.batch_tokens, progress=self.progress)
+
+    def task_settings(self) -> TaskSettings:
+        return TaskSettings(tasks=self.tasks, limit=self.task_limit, backend=self.task_backend,
+                            batch_size=self.batch_size, batch_tokens=self.batch_tokens, progress=self.progress)
+
+
+def eval_step(method: str, seed: int) -> str:
+    """The run-store step of one (method, seed) pair."""
+    return f"{EVAL_STEP}/{method}/seed-{seed}"
+
+
+def read_selection_texts(store: RunStore, method: str) -> list[str]:
+    """The texts of `<run>/select-<method>/selection.parquet`, sorted by id (training packs in this order)."""
+    path = store.root / f"select-{method}" / "selection.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no selection for method {method!r}; run its selection step first")
+    frame = pd.read_parquet(path, columns=["id", "text"]).sort_values("id", kind="stable")
+    if frame.empty:
+        raise ValueError(f"{path}: the selection is empty")
+    return frame["text"].tolist()
+
+
+def initial_model(base_model: str | Path, tokenizer: PreTrainedTokenizerBase, from_scratch: bool,
+                  seed: int, device: str | None) -> PreTrainedModel:
+    """The model training starts from: the warm-up weights, or a seeded fresh init of the same architecture.
+
+    A registry name (e.g. "tiny-llama") is always a fresh initialisation.
+    """
+    name = str(base_model)
+    if not from_scratch or name in MODEL_CONFIGS:
+        return build_model(name, device=device, tokenizer=tokenizer, seed=seed)
+    config = AutoConfig.from_pretrained(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.to(default_device(device))
+
+
+def texts_sha256(texts: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+    return digest.hexdigest()
+
+
+def evaluate_model(store: RunStore, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   settings: EvalSettings) -> dict[str, float]:
+    """Every metric of one trained model, flat: ref_loss, ref_ppl, heldout/<source>, <task>/acc ..."""
+    lm = settings.lm_settings()
+    metrics: dict[str, float] = {}
+    if settings.reference_step is not None:
+        texts = read_corpus(store, settings.reference_step, columns=["text"])["text"].tolist()
+        texts = texts[: settings.max_reference_docs]
+        metrics |= reference_metrics(model, tokenizer, texts, lm)
+        if settings.lambada:
+            metrics |= lambada_metrics(model, tokenizer, texts, lm)
+    if settings.heldout_step is not None and store.shards(settings.heldout_step):
+        frame = read_corpus(store, settings.heldout_step, columns=["text", "source"])
+        metrics |= heldout_domain_losses(model, tokenizer, frame.iloc[: settings.max_heldout_docs], lm)
+    if settings.eval_dir is not None:
+        metrics |= task_metrics(evaluate_tasks(model, tokenizer, settings.eval_dir, settings.task_settings()))
+    return metrics
+
+
+def train_and_evaluate(store: RunStore, method: str, selection_texts: Sequence[str], base_model: str | Path,
+                       tokenizer: PreTrainedTokenizerBase, train_settings: TrainSettings, seeds: Sequence[int],
+                       eval_settings: EvalSettings, *, from_scratch: bool = False,
+                       progress: bool = False) -> list[dict[str, Any]]:
+    """Train on `selection_texts` once per seed, evaluate, write metrics.json; return them in seed order.
+
+    `base_model` is the warm-up model folder (`<run>/proxy/model`) or a registry name. The token
+    budget must be fixed (`token_budget` or `total_steps`), so every method trains on as many tokens
+    whatever the size of its selection. Seeds set both the data order and, from scratch, the init.
+    """
+    if train_settings.token_budget is None and train_settings.total_steps is None:
+        raise ValueError("set TrainSettings.token_budget (or total_steps): methods must train on the same "
+                         "number of tokens, whatever their selection's size")
+    if not selection_texts:
+        raise ValueError(f"method {method!r}: the selection has no texts")
+    records = []
+    for seed in seeds:
+        settings = replace(train_settings, seed=seed)
+        step = eval_step(method, seed)
+        params = {"method": method, "selection_sha256": texts_sha256(selection_texts), "base_model": str(base_model),
+                  "from_scratch": from_scratch, "train": settings.trajectory(), "eval": eval_settings}
+        folder = store.step_dir(step)
+        if not store.begin(step, params, seed=seed):
+            model = initial_model(base_model, tokenizer, from_scratch, seed, settings.device)
+            start = time.perf_counter()
+            result = train_lm(model, tokenizer, selection_texts, settings, folder / "checkpoints", resume=True,
+                              progress=progress)
+            train_seconds = time.perf_counter() - start
+            save_model(model, tokenizer, folder / "model")
+            start = time.perf_counter()
+            metrics = evaluate_model(store, model.eval(), tokenizer, eval_settings)
+            write_json_atomic(folder / METRICS_FILE, {
+                "method": method, "seed": seed, "from_scratch": from_scratch, "metrics": metrics,
+                "train": {"steps": result.steps, "tokens_seen": result.tokens_seen,
+                          "final_loss": result.losses[-1] if result.losses else math.nan,
+                          "resumed_from": result.resumed_from, "seconds": train_seconds},
+                "eval_seconds": time.perf_counter() - start,
+            })
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # model/ holds the final weights
+            store.mark_done(step, info={"metrics": METRICS_FILE})
+        records.append(json.loads((folder / METRICS_FILE).read_text(encoding="utf-8")))
+    return records
