@@ -56,6 +56,15 @@ def test_keep_rules():
     assert np.flatnonzero(keep_mask(scores, ids, fraction)).tolist() == [0, 2, 7]
     strict = settings(gamma=0.5, tau=0.0055)  # cap 4, but only 3 exceed tau
     assert np.flatnonzero(keep_mask(scores, ids, strict)).tolist() == [0, 2, 7]
+    arms = np.array([0, 0, 0, 0, 1, 1, 1, 1])  # per batch: cap floor(0.5 * 4) = 2 in each arm
+    per_batch = settings(gamma=0.5, tau=0.0025, keep_scope="batch")
+    assert np.flatnonzero(keep_mask(scores, ids, per_batch, arms)).tolist() == [0, 2, 6, 7]
+    per_round = settings(gamma=0.5, tau=0.0025, keep_scope="round")
+    assert np.flatnonzero(keep_mask(scores, ids, per_round, arms)).tolist() == [0, 2, 6, 7]
+    per_round_quarter = settings(gamma=0.25, tau=0.0025, keep_scope="round")
+    assert np.flatnonzero(keep_mask(scores, ids, per_round_quarter, arms)).tolist() == [0, 2]
+    per_batch_quarter = settings(gamma=0.25, tau=0.0025, keep_scope="batch", batch_size=4)
+    assert np.flatnonzero(keep_mask(scores, ids, per_batch_quarter, arms)).tolist() == [2, 7]
 
 
 def test_settings_reject_a_keep_rule_that_keeps_nothing():

@@ -12,11 +12,14 @@ Each round (Quad, Sec. 3.3 and Algorithm 1):
 3. From each pulled arm sample `batch_size` not-yet-seen documents (fewer when the arm has fewer
    left) with an rng seeded by (seed, round, arm position): the sample depends on nothing but the
    history, whatever the worker count or order. Score them; R_i += sum of scores, T_i += 1, n_i += |batch|.
-4. Keep rule over the docs sampled in the round (all pulled arms together), `keep_rule`:
+4. Keep rule, applied to each pulled arm's batch on its own (`keep_scope="batch"`, default) or to
+   all the docs sampled in the round together (`keep_scope="round"`), by `keep_rule`:
    - "threshold_then_top_fraction" (default): docs with influence > tau, at most floor(gamma * n_sampled)
      of them, highest influence first (ties by id);
    - "threshold_only": every doc with influence > tau;
    - "top_fraction": the floor(gamma * n_sampled) highest, whatever tau.
+   Per batch, every pulled arm contributes its own best documents (the k pulls are the diversity);
+   per round, the best arm of the round can take the whole quota.
 5. Kept docs join the selection in descending influence, each only if its n_tokens still fits the
    budget (skipped, never trimmed, when it does not).
 
@@ -51,6 +54,7 @@ from quadlib.selection.scoring import Cost, DocScorer, LookupScorer
 from quadlib.settings import setting
 
 KEEP_RULES = ("threshold_then_top_fraction", "threshold_only", "top_fraction")
+KEEP_SCOPES = ("batch", "round")
 MEAN_RULES = ("per_pull", "per_doc")
 COLD_STARTS = ("pull_all", "optimistic")
 ROUNDS_STEP = "select-quad/rounds"
@@ -67,12 +71,14 @@ class BanditSettings:
     seed: int = setting(0, "seed of the per-round, per-cluster samplers")
     max_rounds: int | None = setting(None, "stop after this many rounds (None: budget or exhaustion)")
     keep_rule: str = setting("threshold_then_top_fraction", f"one of {KEEP_RULES}; see the module docstring")
+    keep_scope: str = setting("batch", "apply the keep rule to each pulled cluster's batch, or to the whole 'round'")
     mean_rule: str = setting("per_pull", "'per_pull': R_i/T_i (paper Eq.); 'per_doc': R_i/documents scored in i")
     cold_start: str = setting("pull_all", "'pull_all': untried arms first; 'optimistic': one pseudo-pull")
     optimistic_mean: float = setting(1.0, "pseudo-reward of the optimistic cold start")
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("keep_rule", self.keep_rule, KEEP_RULES),
+                                     ("keep_scope", self.keep_scope, KEEP_SCOPES),
                                      ("mean_rule", self.mean_rule, MEAN_RULES),
                                      ("cold_start", self.cold_start, COLD_STARTS)):
             if value not in allowed:
@@ -122,8 +128,16 @@ def pick_arms(cs: np.ndarray, active: np.ndarray, k: int) -> np.ndarray:
     return np.asarray([a for a in ranked if active[a]][:k], dtype=np.int64)
 
 
-def keep_mask(scores: np.ndarray, ids: list[str], settings: BanditSettings) -> np.ndarray:
-    """Which of a round's sampled docs are kept, by `settings.keep_rule` (module docstring, step 4)."""
+def keep_mask(scores: np.ndarray, ids: list[str], settings: BanditSettings,
+              groups: np.ndarray | None = None) -> np.ndarray:
+    """Which sampled docs are kept (module docstring, step 4); `groups` `[n]` are the docs' arms,
+    used when `settings.keep_scope == "batch"` (None: one group)."""
+    if groups is not None and settings.keep_scope == "batch":
+        mask = np.zeros(len(scores), dtype=bool)
+        for group in np.unique(groups):
+            members = np.flatnonzero(groups == group)
+            mask[members] = keep_mask(scores[members], [ids[i] for i in members], settings)
+        return mask
     above = scores > settings.tau
     if settings.keep_rule == "threshold_only":
         return above
@@ -211,7 +225,7 @@ def _play_round(state: _Arms, scorer: DocScorer, settings: BanditSettings,
     for arm in pulled:
         in_arm = arms_sampled == arm
         state.record(int(arm), float(scores[in_arm].sum()), int(in_arm.sum()))
-    kept = keep_mask(scores, ids, settings)
+    kept = keep_mask(scores, ids, settings, arms_sampled)
     select_rank = np.full(len(ids), -1, dtype=np.int64)
     kept_order = [i for i in np.lexsort((np.asarray(ids, dtype=str), -scores)) if kept[i]]
     for i in kept_order:
