@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from quadlib.embed import EmbeddingShard, embedding_shards
+from quadlib.embed import EmbeddingShard, embedding_shards, ids_digest
 from quadlib.runstore import RunStore, atomic_path, write_json_atomic
 from quadlib.settings import setting
 
@@ -268,13 +268,15 @@ def cluster_corpus(store: RunStore, settings: ClusterSettings, embed_step: str =
 
     Artifacts: `assignments.parquet` (id, cluster, distance), `centroids.npy` `[k, d]`,
     `sizes.parquet` (cluster, size), `quality.json`. Fitted centroids carry their own marker, so a
-    run interrupted during assignment does not refit.
+    run interrupted during assignment does not refit. The step's parameters include a digest of the
+    pool's ids, so a changed pool is re-clustered instead of reusing stale assignments.
     """
     algorithm = check_settings(settings)
     shards = embedding_shards(store, embed_step, corpus_step)
     embed_config = store.read_config(embed_step)
     params = {"cluster": settings, "embed_step": embed_step,
-              "embed_params": embed_config.get("params") if embed_config else None}
+              "embed_params": embed_config.get("params") if embed_config else None,
+              "ids_sha256": ids_digest([doc_id for shard in shards for doc_id in shard.ids])}
     if store.begin(out_step, params, seed=settings.seed, recompute=recompute):
         return load_quality(store, out_step)
     out = store.step_dir(out_step)

@@ -101,8 +101,8 @@ def embed_corpus(store: RunStore, settings: EmbedSettings, corpus_step: str = "c
                  recompute: bool = False) -> list[Path]:
     """Embed every corpus shard into an aligned `.npy`; finished shards are skipped on a rerun.
 
-    A shard counts as finished when its marker exists and records the same ids in the same order,
-    so a re-ingested corpus is re-embedded even if its shard names did not change.
+    A shard counts as finished when its marker exists and records the same ids in the same order
+    (checked even when the step is done), so a re-ingested corpus is re-embedded where it changed.
     """
     corpus_shards = store.shards(corpus_step)
     if not corpus_shards:
@@ -112,12 +112,12 @@ def embed_corpus(store: RunStore, settings: EmbedSettings, corpus_step: str = "c
     params = {"embed": settings.result_params(), "corpus_step": corpus_step,
               "corpus_params": corpus_config.get("params") if corpus_config else None}
     out_paths = [embedding_path(store, shard, out_step) for shard in corpus_shards]
-    if store.begin(out_step, params, recompute=recompute):
-        return out_paths
-
+    step_done = store.begin(out_step, params, recompute=recompute)
     shard_ids = {shard: pd.read_parquet(shard, columns=["id"])["id"].tolist() for shard in corpus_shards}
     todo = [shard for shard, out in zip(corpus_shards, out_paths)
             if not _shard_is_current(store, out_step, shard, out, shard_ids[shard])]
+    if step_done and not todo:
+        return out_paths
     embedder = ShardEmbedder(settings) if todo else None
     window = settings.batch_size * ENCODE_WINDOW_BATCHES
     with tqdm(total=sum(len(shard_ids[s]) for s in todo), desc="embed", unit="doc") as progress:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import quadlib.cluster as cluster_module
 from cluster_fixtures import blobs, write_corpus_shards, write_embedded_corpus
 from quadlib.cluster import (ALGORITHMS, ClusterSettings, ShardAssigner, assign, cluster_corpus, fit_centroids,
                              load_assignments, load_centroids, load_quality, load_sizes, majority_share, purity)
+from quadlib.corpus import iter_records
 from quadlib.embed import EmbedSettings, embed_corpus
 from quadlib.runstore import RunStore
 
@@ -117,6 +116,9 @@ def test_cluster_corpus_writes_artifacts_and_resumes(store: RunStore, monkeypatc
     pd.testing.assert_frame_equal(load_assignments(store), assignments)
     with pytest.raises(AssertionError, match="refitted"):  # a changed setting refits
         cluster_corpus(store, settings(chunk_size=16, silhouette_sample=100, n_iter=11))
+    write_embedded_corpus(store, X[:120], TRUTH[:120], [60, 40, 20])  # a changed pool refits too
+    with pytest.raises(AssertionError, match="refitted"):
+        cluster_corpus(store, settings(chunk_size=16, silhouette_sample=100))
 
 
 def test_cluster_corpus_is_deterministic_and_caps_agglomerative_sample(tmp_path: Path,
@@ -143,10 +145,8 @@ def test_cluster_corpus_rejects_k_above_pool(store: RunStore) -> None:
 
 def read_pool_sample(pool: Path, per_source: int) -> pd.DataFrame:
     """The first `per_source` documents of every pool file (reading stops early: cheap on gzip)."""
-    records = []
-    for path in sorted(pool.glob("*.jsonl.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            records += [json.loads(line) for line in itertools.islice(f, per_source)]
+    records = [rec.data for path in sorted(pool.glob("*.jsonl.gz"))
+               for rec in itertools.islice(iter_records(path), per_source)]
     return pd.DataFrame(records)[["id", "text", "source"]]
 
 
