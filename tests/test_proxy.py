@@ -92,7 +92,8 @@ def test_paper_config_is_1_3b_on_meta_device() -> None:
 def test_build_model_seed_is_deterministic_and_leaves_global_rng(tokenizer) -> None:
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a, b = build_model("test-llama", tokenizer=tokenizer, seed=3), build_model("test-llama", tokenizer=tokenizer, seed=3)
+    a = build_model("test-llama", tokenizer=tokenizer, seed=3)
+    b = build_model("test-llama", tokenizer=tokenizer, seed=3)
     c = build_model("test-llama", tokenizer=tokenizer, seed=4)
     assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
@@ -204,9 +205,9 @@ def test_steps_follow_total_then_budget_then_epochs() -> None:
 @pytest.mark.parametrize("name", ["test-llama", "test-gpt2"])
 def test_both_layouts_learn(name: str, tokenizer, tmp_path: Path) -> None:
     model = build_model(name, tokenizer=tokenizer)
-    result = train_lm(model, tokenizer, TEXTS, tiny_settings(total_steps=24, checkpoint_every=100), tmp_path,
+    result = train_lm(model, tokenizer, TEXTS, tiny_settings(total_steps=16, checkpoint_every=100), tmp_path,
                       progress=False)
-    assert len(result.losses) == 24 and result.tokens_seen == 24 * 4 * 32
+    assert len(result.losses) == 16 and result.tokens_seen == 16 * 4 * 32
     assert sum(result.losses[-4:]) / 4 < result.losses[0] - 1.0
 
 
@@ -263,8 +264,8 @@ def test_resume_refuses_other_settings(tokenizer, tmp_path: Path) -> None:
     train_lm(build_model("test-llama", tokenizer=tokenizer), tokenizer, TEXTS, tiny_settings(total_steps=2), tmp_path,
              progress=False)
     with pytest.raises(ValueError, match="different settings"):
-        train_lm(build_model("test-llama", tokenizer=tokenizer), tokenizer, TEXTS, tiny_settings(total_steps=2, lr=1e-2),
-                 tmp_path, progress=False)
+        train_lm(build_model("test-llama", tokenizer=tokenizer), tokenizer, TEXTS,
+                 tiny_settings(total_steps=2, lr=1e-2), tmp_path, progress=False)
 
 
 def test_too_little_text_is_a_clear_error(tokenizer, tmp_path: Path) -> None:

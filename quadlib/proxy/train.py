@@ -125,7 +125,7 @@ def _adamw(model: PreTrainedModel, settings: TrainSettings) -> torch.optim.AdamW
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, foreach=False)
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas)
 
 
 def _fingerprint(blocks: torch.Tensor) -> str:
@@ -162,40 +162,46 @@ def train_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     optimizer = _adamw(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
         step, settings.warmup_steps, total_steps, settings.min_lr_ratio))
-    cuda_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(settings.seed)
-        losses: list[float] = []
-        start = 0
-        latest = latest_checkpoint(ckpt_dir) if resume else None
-        if latest is not None:
-            _check_resumable(read_training_state(latest), run_state, latest)
-            stored = restore_training_state(latest, model, optimizer, scheduler)
-            losses, start = stored["losses"], stored["step"]
-        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not progress,
-                   desc="train", unit="step")
-        for step in bar:
-            batch = blocks[batch_indices(step, len(blocks), settings.batch_size, settings.seed)].to(device)  # [B, T]
-            loss = causal_lm_loss(model(input_ids=batch).logits, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            done = step + 1
-            if done % settings.checkpoint_every == 0 or done == total_steps:
-                save_training_state(checkpoint_folder(ckpt_dir, done), model, optimizer, scheduler,
-                                    {**run_state, "step": done, "losses": losses})
-                prune_checkpoints(ckpt_dir, settings.keep_checkpoints)
-            if on_step is not None:
-                on_step(done, losses[-1])
-    model.train(was_training)
-    return TrainResult(losses=losses, steps=total_steps, tokens_seen=total_steps * settings.batch_size * settings.block_size,
-                       resumed_from=start, checkpoint=latest_checkpoint(ckpt_dir), settings=to_jsonable(settings))
+    losses: list[float] = []
+    start = 0
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(settings.seed)
+            latest = latest_checkpoint(ckpt_dir) if resume else None
+            if latest is not None:
+                _check_resumable(read_training_state(latest), run_state, latest)
+                stored = restore_training_state(latest, model, optimizer, scheduler)
+                losses, start = stored["losses"], stored["step"]
+            bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not progress,
+                       desc="train", unit="step")
+            for step in bar:
+                batch = blocks[batch_indices(step, len(blocks), settings.batch_size, settings.seed)]  # [B, T]
+                losses.append(_optimizer_step(model, optimizer, scheduler, batch.to(device), settings.grad_clip))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total_steps:
+                    save_training_state(checkpoint_folder(ckpt_dir, step + 1), model, optimizer, scheduler,
+                                        {**run_state, "step": step + 1, "losses": losses})
+                    prune_checkpoints(ckpt_dir, settings.keep_checkpoints)
+                if on_step is not None:
+                    on_step(step + 1, losses[-1])
+    finally:
+        model.train(was_training)
+    return TrainResult(losses=losses, steps=total_steps,
+                       tokens_seen=total_steps * settings.batch_size * settings.block_size, resumed_from=start,
+                       checkpoint=latest_checkpoint(ckpt_dir), settings=to_jsonable(settings))
 
+
+def _optimizer_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, batch: torch.Tensor, grad_clip: float) -> float:
+    """One AdamW step on a packed batch [B, T]; returns its mean loss (nats per predicted token)."""
+    loss = causal_lm_loss(model(input_ids=batch).logits, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
 
 def _check_resumable(stored: dict[str, Any], wanted: dict[str, Any], folder: Path) -> None:
     """Refuse to continue a checkpoint made with other settings or other data."""
