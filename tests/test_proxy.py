@@ -50,6 +50,15 @@ def tiny_settings(**changes: object) -> TrainSettings:
     return TrainSettings(**(values | changes))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; more only contend with the other test workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     return train_bpe_tokenizer(TEXTS, 320, tmp_path_factory.mktemp("tok") / "tokenizer")
