@@ -171,3 +171,30 @@ def test_bandit_prefers_better_clusters_but_explores(setup):
     chosen = assignments.set_index("id").loc[result.ids, "cluster"]
     assert chosen.isin([0, 1, 2]).mean() > 0.9
     assert chosen.nunique() >= 2
+
+
+def test_bandit_figures_draw_from_a_replay(setup):
+    from quadlib.plots.bandit_plots import (
+        cs_trajectories_figure, influence_distribution_figure, pulls_per_cluster_figure, quality_diversity_figure,
+        source_mix_figure,
+    )
+    from quadlib.selection.metrics import quality_diversity, replay_sweep, source_mix
+
+    pool, assignments, truth = setup
+    result = replay(truth, pool, assignments, settings())
+    heat = pulls_per_cluster_figure(result.arms).data[0]
+    assert heat.z.shape == (len(MEANS), result.arms["round"].nunique())
+    assert heat.z[:, -1].sum() == result.arms["pulled"].sum()  # the last column holds every pull
+    assert len(cs_trajectories_figure(result.arms).data) == len(MEANS)
+    assert len(influence_distribution_figure(result.scores, list(truth.values())).data) == 2
+    mix = source_mix(result.ids, pool)
+    assert mix.sum() == pytest.approx(1.0)
+    assert len(source_mix_figure({"pool": source_mix(pool["id"], pool), "quad": mix}).data) == 2
+    ranked_only = settings(keep_rule="top_fraction")  # tau off: low clusters may contribute when pulled
+    sweep = replay_sweep(truth, pool, assignments, ranked_only, [{"alpha": a} for a in (0.0, 0.01, 1.0)])
+    assert len(quality_diversity_figure(sweep).data[0].x) == 3
+    summary = quality_diversity(result.ids, truth, assignments)
+    assert summary["clusters_covered"] == assignments.set_index("id").loc[result.ids, "cluster"].nunique()
+    exploring = sweep.set_index("alpha")
+    assert exploring.loc[1.0, "entropy"] > exploring.loc[0.0, "entropy"]  # a large alpha spreads the pulls
+    assert exploring.loc[1.0, "mean_influence"] < exploring.loc[0.0, "mean_influence"]  # ... at a quality cost

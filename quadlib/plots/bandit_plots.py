@@ -1,0 +1,93 @@
+"""Figures of the Quad bandit (notebook 03_bandit): where it pulled, how cluster scores evolved, and
+what the selection looks like against the pool (influence, sources, quality vs diversity).
+
+All take the round tables of `quadlib.selection.bandit.BanditResult` (`arms`, `docs`) or plain
+DataFrames, so the notebook's widgets can redraw them from `replay(...)` without any scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.colors
+import plotly.graph_objects as go
+
+PALETTE = plotly.colors.qualitative.Dark24
+MAX_TRAJECTORIES = 12  # more CS lines than this are unreadable; the most-pulled clusters are drawn
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} needs columns {list(columns)}; missing {missing} (pass BanditResult.arms/.docs)")
+
+
+def pulls_per_cluster_figure(arms: pd.DataFrame) -> go.Figure:
+    """Heatmap of cumulative pulls T_i (after each round) per cluster over rounds: exploration vs exploitation."""
+    _require(arms, ("round", "cluster", "pulled"), "pulls_per_cluster_figure")
+    counts = arms.assign(pulled=arms["pulled"].astype(int)).pivot(index="cluster", columns="round", values="pulled")
+    cumulative = counts.cumsum(axis=1)  # [n_clusters, n_rounds]
+    fig = go.Figure(go.Heatmap(z=cumulative.to_numpy(), x=cumulative.columns, y=[str(c) for c in cumulative.index],
+                               colorscale="Viridis", colorbar={"title": "pulls"}))
+    fig.update_layout(title=f"Pulls per cluster over {counts.shape[1]} rounds", xaxis_title="round",
+                      yaxis_title="cluster", yaxis_type="category")
+    return fig
+
+
+def cs_trajectories_figure(arms: pd.DataFrame, clusters: Sequence | None = None) -> go.Figure:
+    """CS_i per round for `clusters` (default: the most-pulled ones); infinite cold-start scores are left out."""
+    _require(arms, ("round", "cluster", "cs", "pulled"), "cs_trajectories_figure")
+    if clusters is None:
+        clusters = arms.groupby("cluster")["pulled"].sum().sort_values(ascending=False).index[:MAX_TRAJECTORIES]
+    fig = go.Figure()
+    for i, label in enumerate(clusters):
+        rows = arms[arms["cluster"] == label].sort_values("round")
+        cs = rows["cs"].replace([np.inf, -np.inf], np.nan)
+        fig.add_trace(go.Scatter(x=rows["round"], y=cs, mode="lines", name=f"cluster {label}",
+                                 line={"color": PALETTE[i % len(PALETTE)]}))
+    fig.update_layout(title="Cluster score CS_i = mean_i + alpha·sqrt(2 ln ΣT / T_i) per round",
+                      xaxis_title="round", yaxis_title="CS")
+    return fig
+
+
+def influence_distribution_figure(selection_scores: Sequence[float], pool_scores: Sequence[float]) -> go.Figure:
+    """Overlaid densities of influence: the selection against every scored document of the pool."""
+    fig = go.Figure()
+    for name, values, color in (("pool (scored)", pool_scores, PALETTE[1]), ("selection", selection_scores, PALETTE[0])):
+        values = np.asarray(values, dtype=np.float64)
+        fig.add_trace(go.Histogram(x=values[np.isfinite(values)], name=name, histnorm="probability density",
+                                   opacity=0.6, marker_color=color))
+    fig.update_layout(barmode="overlay", title="Influence of the selection vs the pool", xaxis_title="influence",
+                      yaxis_title="density")
+    return fig
+
+
+def source_mix_figure(mixes: dict[str, pd.Series]) -> go.Figure:
+    """Grouped bars of source shares, one group per source and one bar per named mix (e.g. pool, quad)."""
+    sources = sorted(set().union(*(m.index for m in mixes.values())))
+    fig = go.Figure([go.Bar(x=sources, y=[float(mix.get(s, 0.0)) for s in sources], name=name,
+                            marker_color=PALETTE[i % len(PALETTE)]) for i, (name, mix) in enumerate(mixes.items())])
+    fig.update_layout(barmode="group", title="Mix by source", xaxis_title="source", yaxis_title="share",
+                      yaxis_tickformat=".0%")
+    return fig
+
+
+def quality_diversity_figure(points: pd.DataFrame, label: str | None = None) -> go.Figure:
+    """Mean influence (quality) against cluster entropy (diversity), one point per parameter setting;
+    marker size = clusters covered. `points` as returned by `quadlib.selection.metrics.replay_sweep`."""
+    _require(points, ("mean_influence", "entropy", "clusters_covered"), "quality_diversity_figure")
+    params = [c for c in points.columns if c not in ("mean_influence", "entropy", "clusters_covered", "n_docs",
+                                                      "tokens_selected", "stop_reason")]
+    text = points[label].astype(str) if label else points[params].astype(str).agg(", ".join, axis=1) if params else None
+    covered = points["clusters_covered"].to_numpy(dtype=np.float64)
+    sizes = 8 + 22 * covered / max(covered.max(), 1.0)
+    fig = go.Figure(go.Scatter(
+        x=points["entropy"], y=points["mean_influence"], mode="markers+text", text=text, textposition="top center",
+        marker={"size": sizes, "color": covered, "colorscale": "Viridis", "colorbar": {"title": "clusters"}},
+        customdata=covered, hovertemplate="entropy %{x:.3f}<br>mean influence %{y:.4g}<br>clusters %{customdata:.0f}"
+                                          "<br>%{text}<extra></extra>"))
+    fig.update_layout(title="Quality vs diversity across settings", xaxis_title="cluster entropy (nats)",
+                      yaxis_title="mean influence of the selection")
+    return fig
