@@ -157,9 +157,10 @@ class _Arms:
         self.n_tokens = pool["n_tokens"].to_numpy(dtype=np.int64)
         self.labels = np.unique(clusters)
         self.position = {label: a for a, label in enumerate(self.labels.tolist())}
-        by_id = np.argsort(self.ids, kind="stable")
         arm_of_row = np.searchsorted(self.labels, clusters)
-        self.members = [by_id[arm_of_row[by_id] == a] for a in range(len(self.labels))]  # rows, id order
+        grouped = np.lexsort((self.ids, arm_of_row))  # rows by arm, then by id
+        bounds = np.cumsum(np.bincount(arm_of_row, minlength=len(self.labels)))[:-1]
+        self.members = np.split(grouped, bounds)  # per arm: its rows in id order
         self.seen = np.zeros(len(self.ids), dtype=bool)
         optimistic = settings.cold_start == "optimistic"
         self.pulls = np.full(len(self.labels), 1.0 if optimistic else 0.0)
