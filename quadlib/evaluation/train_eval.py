@@ -9,6 +9,8 @@ fresh initialisation of the same architecture (`from_scratch`). Per method and s
     <run>/eval/<method>/seed-<s>/model/          the trained model (config.json + model.safetensors)
     <run>/eval/<method>/seed-<s>/metrics.json    every metric, the training summary and timings
 
+(`scratch-seed-<s>/` for runs from a fresh initialisation.)
+
 A finished (method, seed) pair is skipped; an interrupted one resumes from its latest checkpoint.
 """
 
@@ -34,6 +36,7 @@ from quadlib.evaluation.lm_metrics import LMMetricSettings, heldout_domain_losse
 from quadlib.evaluation.tasks import TaskSettings, evaluate_tasks, task_metrics
 from quadlib.proxy import MODEL_CONFIGS, TrainSettings, build_model, save_model, train_lm
 from quadlib.runstore import RunStore, write_json_atomic
+from quadlib.selection.export import read_selection
 from quadlib.settings import setting
 
 EVAL_STEP = "eval"
@@ -66,20 +69,17 @@ class EvalSettings:
                             batch_size=self.batch_size, batch_tokens=self.batch_tokens, progress=self.progress)
 
 
-def eval_step(method: str, seed: int) -> str:
-    """The run-store step of one (method, seed) pair."""
-    return f"{EVAL_STEP}/{method}/seed-{seed}"
+def eval_step(method: str, seed: int, from_scratch: bool = False) -> str:
+    """The run-store step of one (method, seed) pair; from-scratch runs live beside warm-started ones."""
+    return f"{EVAL_STEP}/{method}/{'scratch-' if from_scratch else ''}seed-{seed}"
 
 
 def read_selection_texts(store: RunStore, method: str) -> list[str]:
-    """The texts of `<run>/select-<method>/selection.parquet`, sorted by id (training packs in this order)."""
-    path = store.root / f"select-{method}" / "selection.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no selection for method {method!r}; run its selection step first")
-    frame = pd.read_parquet(path, columns=["id", "text"]).sort_values("id", kind="stable")
-    if frame.empty:
-        raise ValueError(f"{path}: the selection is empty")
-    return frame["text"].tolist()
+    """The texts of method's exported selection, sorted by id (training packs them in this order)."""
+    table, _ = read_selection(store, method)
+    if table.empty:
+        raise ValueError(f"{store.root / f'select-{method}'}: the selection of {method!r} is empty")
+    return table.sort_values("id", kind="stable")["text"].tolist()
 
 
 def initial_model(base_model: str | Path, tokenizer: PreTrainedTokenizerBase, from_scratch: bool,
@@ -142,7 +142,7 @@ def train_and_evaluate(store: RunStore, method: str, selection_texts: Sequence[s
     records = []
     for seed in seeds:
         settings = replace(train_settings, seed=seed)
-        step = eval_step(method, seed)
+        step = eval_step(method, seed, from_scratch)
         params = {"method": method, "selection_sha256": texts_sha256(selection_texts), "base_model": str(base_model),
                   "from_scratch": from_scratch, "train": settings.trajectory(), "eval": eval_settings}
         folder = store.step_dir(step)
@@ -166,3 +166,14 @@ def train_and_evaluate(store: RunStore, method: str, selection_texts: Sequence[s
             store.mark_done(step, info={"metrics": METRICS_FILE})
         records.append(json.loads((folder / METRICS_FILE).read_text(encoding="utf-8")))
     return records
+
+
+def evaluate_selections(store: RunStore, methods: Sequence[str], base_model: str | Path,
+                        tokenizer: PreTrainedTokenizerBase, train_settings: TrainSettings, seeds: Sequence[int],
+                        eval_settings: EvalSettings, *, from_scratch: bool = False,
+                        progress: bool = False) -> list[dict[str, Any]]:
+    """`train_and_evaluate` for every method's exported selection, with one set of settings and seeds."""
+    return [record for method in methods
+            for record in train_and_evaluate(store, method, read_selection_texts(store, method), base_model, tokenizer,
+                                             train_settings, seeds, eval_settings, from_scratch=from_scratch,
+                                             progress=progress)]
