@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, Field, field, fields
+import copy
+from dataclasses import MISSING, Field, field, fields, is_dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -10,8 +11,8 @@ T = TypeVar("T")
 
 def setting(default: Any, help: str) -> Any:  # noqa: A002 - "help" mirrors argparse
     """A dataclass field with a default and a help string (shown by `describe`)."""
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    if isinstance(default, (list, dict, set)) or is_dataclass(default):  # mutable: a fresh copy per instance
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

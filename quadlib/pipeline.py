@@ -1,0 +1,157 @@
+"""The main job as a few library calls over one run folder; the notebooks are thin wrappers.
+
+    corpus (01) -> clusters (01) -> proxy warm-up (02) -> influence scorer (02)
+    -> selections by every method (03) -> training and evaluation (05)
+
+Each call reuses what the run folder already holds for the same parameters, so notebooks can be
+re-run, resumed after an interruption, or run out of order once their inputs exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from quadlib.cluster import load_assignments
+from quadlib.corpus import read_corpus
+from quadlib.embed import load_embeddings
+from quadlib.influence.estimators import PRESETS, make_estimator
+from quadlib.influence.scorer import InfluenceScorer
+from quadlib.proxy import TrainSettings, warmup_proxy
+from quadlib.runstore import RunStore, to_jsonable
+from quadlib.selection import CachingScorer, SelectionContext, export_selection, make_selector, read_selection
+from quadlib.selection.probes import HFProbeModel
+from quadlib.settings import setting
+
+INFLUENCE_STEP = "influence"
+
+
+@dataclass
+class ProxySettings:
+    model: str = setting("tiny-llama", "a named config of quadlib.proxy.MODEL_CONFIGS, a local path or a hub name")
+    tokenizer_vocab: int | None = setting(4096, "train a byte-level BPE of this size on the warm-up sample; "
+                                          "None uses the model's own tokenizer")
+    warmup_docs: int = setting(1000, "pool documents (seeded sample) the proxy is warm-up trained on")
+    train: TrainSettings = setting(TrainSettings(total_steps=150, batch_size=16, block_size=128, warmup_steps=15),
+                                   "warm-up optimisation settings")
+    seed: int = setting(0, "seed of the warm-up sample")
+
+
+@dataclass
+class ScoreSettings:
+    estimator: str = setting("kfac_joint_qkv", "a key of quadlib.influence.estimators (dot, cosine, kfac_mlp, "
+                             "kfac_attn_indep, kfac_joint_qkv, ekfac_joint_qkv)")
+    preset: str = setting("default", "a key of quadlib.influence.estimators.PRESETS (damping, Fisher kind)")
+    fit_docs: int = setting(256, "pool documents (seeded sample) the curvature is fitted on")
+    reference_docs: int = setting(256, "reference documents forming the aggregated reference gradient")
+    max_length: int = setting(128, "tokens per document when scoring")
+    seed: int = setting(0, "seed of the fit and reference samples")
+
+
+def seeded_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """`n` rows (all when fewer), in their original order: a seeded, order-stable sample."""
+    if n >= len(frame):
+        return frame
+    rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=n, replace=False))
+    return frame.iloc[rows]
+
+
+def prepare_proxy(store: RunStore, settings: ProxySettings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Warm-up train the proxy on a pool sample (paper §4.1: influence on a partially trained model)."""
+    sample = seeded_sample(read_corpus(store, columns=["id", "text"]), settings.warmup_docs, settings.seed)
+    model, tokenizer = warmup_proxy(store, sample["text"].tolist(), settings.model, settings.tokenizer_vocab,
+                                    settings.train)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _identity(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(to_jsonable(payload), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def prepare_scorer(store: RunStore, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   settings: ScoreSettings) -> tuple[InfluenceScorer, CachingScorer]:
+    """The influence scorer (curvature fitted, reference direction preconditioned) and its cached
+    `DocScorer` view keyed by id.
+
+    Fitted estimators are saved as safetensors and reloaded on a rerun; scores live in one parquet
+    cache per (proxy, estimator, settings) identity, so replays never recompute a score.
+    """
+    proxy_config = store.read_config("proxy") or {}
+    identity = _identity({"proxy": proxy_config.get("params"), "score": asdict(settings)})
+    step = f"{INFLUENCE_STEP}/{settings.estimator}-{identity}"
+    folder = store.step_dir(step)
+    estimator = make_estimator(settings.estimator, PRESETS[settings.preset])
+    scorer = InfluenceScorer(model, tokenizer, estimator, max_length=settings.max_length)
+    state = folder / "estimator.safetensors"
+    if store.begin(step, {"score": settings, "proxy": proxy_config.get("params")}, seed=settings.seed):
+        estimator.load(model, state)
+    else:
+        pool = read_corpus(store, columns=["id", "text"])
+        reference = read_corpus(store, "reference", columns=["text"])
+        scorer.fit_texts(seeded_sample(pool, settings.fit_docs, settings.seed)["text"].tolist())
+        scorer.set_reference_texts(seeded_sample(reference, settings.reference_docs, settings.seed)["text"].tolist())
+        estimator.save(state)
+        store.mark_done(step, info={"fit_cost": asdict(scorer.cost)})
+    corpus = read_corpus(store, columns=["id", "text", "n_tokens"])
+    cached = CachingScorer(scorer.score_texts, dict(zip(corpus["id"], corpus["text"], strict=True)),
+                           dict(zip(corpus["id"], corpus["n_tokens"], strict=True)), folder / "scores.parquet",
+                           n_params=scorer.n_params)
+    return scorer, cached
+
+
+def selection_context(store: RunStore, scorer: CachingScorer | None = None, model: PreTrainedModel | None = None,
+                      tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> SelectionContext:
+    """Everything the selectors may need, read from the run folder."""
+    ids, vectors = load_embeddings(store)
+    reference = read_corpus(store, "reference", columns=["text"])["text"].tolist()
+    probe = HFProbeModel(model, tokenizer, reference[:64]) if model is not None and tokenizer is not None else None
+    return SelectionContext(
+        pool=read_corpus(store), reference_texts=reference, assignments=load_assignments(store),
+        embeddings=vectors, embedding_ids=ids, scorer=scorer,
+        doc_losses=probe.doc_losses if probe is not None else None,
+        proxy_params=probe.n_params if probe is not None else None, probe=probe, seed=seed, run_dir=store.root)
+
+
+@dataclass
+class SelectionPlan:
+    """Which methods to run at what budget; every method gets the same budget and seed."""
+
+    methods: list[str] = field(default_factory=lambda: ["random", "quad"])
+    budget_tokens: int = 20_000
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def run_selections(store: RunStore, ctx: SelectionContext, plan: SelectionPlan) -> pd.DataFrame:
+    """Run every method of `plan` (skipping those already exported with the same settings) and
+    return one row per method: tokens, documents, cost and wall time from its manifest."""
+    rows = []
+    for method in plan.methods:
+        settings = plan.method_settings.get(method, {})
+        # Own marker: the export step's config records the method's resolved parameters instead.
+        step = f"selections/{method}"
+        params = {"method": method, "settings": settings, "budget_tokens": plan.budget_tokens, "seed": ctx.seed}
+        if not store.begin(step, params, seed=ctx.seed):
+            selection = make_selector(method, settings).select(ctx, plan.budget_tokens)
+            export_selection(selection, ctx, store)
+            store.mark_done(step)
+        _, manifest = read_selection(store, method)
+        rows.append({"method": method, **{k: manifest.get(k) for k in ("n_docs", "tokens_selected", "wall_time_s")},
+                     **{f"cost_{k}": v for k, v in manifest.get("cost", {}).items()}})
+    return pd.DataFrame(rows)
+
+
+def sample_per_cluster(assignments: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """Up to `n` documents from every cluster (seeded), for per-cluster influence figures."""
+    rng = np.random.default_rng(seed)
+    parts = [group.iloc[np.sort(rng.choice(len(group), size=min(n, len(group)), replace=False))]
+             for _, group in assignments.sort_values(["cluster", "id"]).groupby("cluster")]
+    return pd.concat(parts, ignore_index=True)
