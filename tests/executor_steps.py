@@ -10,8 +10,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from quadlib.corpus import CorpusSettings, ingest
@@ -66,6 +68,15 @@ def run_slow_step(root: str, executor: str, address: str | None) -> None:
 
     settings = ExecutorSettings(executor=executor, ray=RaySettings(address=address, num_workers=1))
     make_executor(settings).run(SlowStep(), RunStore(root))
+
+
+def vowel_share_scorer() -> Callable[[list[str]], np.ndarray]:
+    """A scorer factory for the distributed-bandit tests: a cheap deterministic per-text score."""
+
+    def score(texts: list[str]) -> np.ndarray:
+        return np.array([sum(ch in "aeiou" for ch in t) / max(len(t), 1) - 0.3 for t in texts])  # [n]
+
+    return score
 
 
 if __name__ == "__main__":

@@ -13,14 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from quadlib.execution.ray_cluster import RaySettings, connect_ray, worker_count
 from quadlib.execution.step import Resources
-from quadlib.selection.scoring import CachingScorer, TextScoreFn
 
-ScorerFactory = Callable[[], TextScoreFn]
+if TYPE_CHECKING:  # quadlib.selection is heavy; actors never need it
+    from quadlib.influence.cache import ScoreCache
+    from quadlib.selection.scoring import CachingScorer
+
+# Builds a text-scoring function (`quadlib.selection.scoring.TextScoreFn`) inside each actor.
+ScorerFactory = Callable[[], Callable[[list[str]], np.ndarray]]
 
 
 class _ScorerActor:
@@ -70,9 +75,11 @@ class RayTextScorer:
 
 
 def ray_doc_scorer(make_scorer: ScorerFactory, texts: Mapping[str, str], n_tokens: Mapping[str, int],
-                   settings: RaySettings | None = None, *, cache_path: str | Path | None = None,
+                   cache: ScoreCache | str | Path, settings: RaySettings | None = None, *,
                    n_params: int | None = None, passes: tuple[int, int] = (1, 1), run_root: str | Path = ".",
                    chunk_size: int = 32, resources: Resources = Resources()) -> CachingScorer:
     """A bandit `DocScorer` (ids in, scores keyed by id out, cost counted) whose work runs on Ray."""
+    from quadlib.selection.scoring import CachingScorer
+
     score_texts = RayTextScorer(make_scorer, settings, run_root=run_root, chunk_size=chunk_size, resources=resources)
-    return CachingScorer(score_texts, texts, n_tokens, cache_path, n_params=n_params, passes=passes)
+    return CachingScorer(score_texts, texts, n_tokens, cache, n_params=n_params, passes=passes)

@@ -20,7 +20,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from quadlib.embed import ids_digest
 from quadlib.runstore import RunStore, atomic_path
 
 
@@ -150,6 +149,14 @@ class ShardResult:
     seconds: float
 
 
+def ids_fingerprint(ids: list[str]) -> str:
+    """`quadlib.embed.ids_digest`, imported on first use: workers of steps without a model then
+    start without importing torch (a few seconds per worker process)."""
+    from quadlib.embed import ids_digest
+
+    return ids_digest(ids)
+
+
 def input_ids(shard: Path) -> list[str]:
     return pd.read_parquet(shard, columns=["id"])["id"].tolist()
 
@@ -159,7 +166,7 @@ def shard_is_done(step: ShardStep, store: RunStore, shard: Path, ids: list[str] 
     if not (store.is_done(step.name, shard.stem) and step.output_path(store, shard).exists()):
         return False
     ids = input_ids(shard) if ids is None else ids
-    return store.done_info(step.name, shard.stem).get("ids_sha256") == ids_digest(ids)
+    return store.done_info(step.name, shard.stem).get("ids_sha256") == ids_fingerprint(ids)
 
 
 def run_shard(step: ShardStep, store: RunStore, shard: Path) -> ShardResult:
@@ -182,7 +189,7 @@ def run_shard(step: ShardStep, store: RunStore, shard: Path) -> ShardResult:
     path = step.output_path(store, shard)
     with atomic_path(path) as tmp:
         facts = step.format.write(out, tmp)
-    store.mark_done(step.name, shard.stem, {"rows": len(ids), "ids_sha256": ids_digest(ids), **facts})
+    store.mark_done(step.name, shard.stem, {"rows": len(ids), "ids_sha256": ids_fingerprint(ids), **facts})
     return ShardResult(shard.stem, len(ids), perf_counter() - start)
 
 

@@ -8,14 +8,17 @@ the code the notebooks run. `STEPS` names them for configs and the CLI.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from quadlib.embed import ENCODE_WINDOW_BATCHES, EmbedSettings, ShardEmbedder, embedding_path
 from quadlib.execution.step import Resources, ShardStep
 from quadlib.runstore import RunStore
+
+if TYPE_CHECKING:  # quadlib.embed imports torch: a worker imports it only for the steps that use it
+    from quadlib.embed import EmbedSettings, ShardEmbedder
 
 
 def upstream_params(store: RunStore, step: str) -> Any:
@@ -36,6 +39,8 @@ class EmbedStep(ShardStep):
 
     def __init__(self, settings: EmbedSettings | None = None, *, corpus_step: str = "corpus", name: str = "embed",
                  resources: Resources = Resources()) -> None:
+        from quadlib.embed import ENCODE_WINDOW_BATCHES, EmbedSettings
+
         self.settings = settings or EmbedSettings()
         self.input_step, self.name, self.resources = corpus_step, name, resources
         # the same texts per encode call as embed_corpus, so both pad and sort alike
@@ -48,6 +53,8 @@ class EmbedStep(ShardStep):
                 "corpus_params": upstream_params(store, self.input_step)}
 
     def setup(self) -> None:
+        from quadlib.embed import ShardEmbedder
+
         if self.embedder is None:
             self.embedder = ShardEmbedder(self.settings)
 
@@ -80,7 +87,9 @@ class AssignStep(ShardStep):
                 "k": int(self.centroids.shape[0]), "spherical": self.spherical, "embed_step": self.embed_step,
                 "embed_params": upstream_params(store, self.embed_step)}
 
-    def read_input(self, store: RunStore, shard: Any) -> pd.DataFrame:
+    def read_input(self, store: RunStore, shard: Path) -> pd.DataFrame:
+        from quadlib.embed import embedding_path
+
         frame = super().read_input(store, shard)
         vectors = np.load(embedding_path(store, shard, self.embed_step), mmap_mode="r")  # [n, d]
         if len(vectors) != len(frame):
