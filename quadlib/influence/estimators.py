@@ -1,0 +1,266 @@
+"""Influence estimators behind one interface: fit(curvature) -> set_reference -> score.
+
+Sign convention (Quad Eq. 2-3): score(z) = grad L(theta, D_ref)^T (H + lambda I)^-1 grad L(theta, z),
+i.e. minus the paper's I(z) read as "change in reference loss". A HIGHER score means training on z
+is expected to REDUCE the reference loss more; the bandit keeps high scores and its threshold tau
+is in these units (losses are mean cross-entropy per token in nats, see loss.py).
+
+The reference set enters as one aggregated gradient, preconditioned once per layer into V_l; a
+document's score is then sum_l sum_t delta_{b,t}^T V_l x_{b,t}, contracted inside ONE activation-
+gradient backward pass of the summed per-document losses (no per-document gradient is formed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quadlib.influence.capture import augment_bias, backward_pass
+from quadlib.influence.kfac import (
+    DAMPING_MODES,
+    FISHER_MODES,
+    DampedKroneckerInverse,
+    ekfac_inverses,
+    fit_kfac,
+    kfac_inverses,
+)
+from quadlib.influence.layers import TrackedLayer, discover_layers
+from quadlib.influence.loss import IGNORE, Batch, document_losses, summed_token_loss
+from quadlib.runstore import atomic_path
+from quadlib.settings import setting
+
+
+@dataclass
+class InfluenceSettings:
+    """How curvature is fitted and damped, and which layers are tracked."""
+
+    damping: float = setting(0.1, "lambda: an absolute value, or a multiple of each block's mean eigenvalue")
+    damping_mode: str = setting("relative", f"one of {DAMPING_MODES}; relative = damping x mean eigenvalue per layer")
+    fisher: str = setting("sampled", f"one of {FISHER_MODES}: labels drawn from the model (true Fisher ~ GGN) "
+                                     "or the data's labels (empirical Fisher)")
+    layer_filter: str = setting("", "regular expression over tracked layer names; empty = every MLP/attention layer")
+    batch_size: int = setting(8, "documents per forward/backward pass")
+    seed: int = setting(0, "seed of the sampled Fisher labels")
+
+    def __post_init__(self) -> None:
+        if self.damping_mode not in DAMPING_MODES:
+            raise ValueError(f"damping_mode {self.damping_mode!r} is not one of {DAMPING_MODES}")
+        if self.fisher not in FISHER_MODES:
+            raise ValueError(f"fisher {self.fisher!r} is not one of {FISHER_MODES}")
+        if self.damping < 0 or self.batch_size < 1:
+            raise ValueError("damping must be >= 0 and batch_size >= 1")
+
+
+PRESETS: dict[str, InfluenceSettings] = {
+    "default": InfluenceSettings(),
+    # Kronfluence's heuristic damping (0.1 x mean eigenvalue) with the data's labels: the peer cross-check.
+    "kronfluence_match": InfluenceSettings(damping=0.1, damping_mode="relative", fisher="empirical"),
+    "light_damping": InfluenceSettings(damping=0.01, damping_mode="relative"),
+    "cpu_small_batch": InfluenceSettings(batch_size=4),
+}
+
+Curvature = Callable[[nn.Module, list[TrackedLayer], list[Batch], InfluenceSettings],
+                     dict[str, DampedKroneckerInverse] | None]
+
+
+def _no_curvature(model: nn.Module, layers: list[TrackedLayer], batches: list[Batch],
+                  settings: InfluenceSettings) -> None:
+    return None
+
+
+def _kfac(model: nn.Module, layers: list[TrackedLayer], batches: list[Batch],
+          settings: InfluenceSettings) -> dict[str, DampedKroneckerInverse]:
+    factors = fit_kfac(model, layers, batches, fisher=settings.fisher, seed=settings.seed)
+    return kfac_inverses(factors, settings.damping, settings.damping_mode)
+
+
+def _ekfac(model: nn.Module, layers: list[TrackedLayer], batches: list[Batch],
+           settings: InfluenceSettings) -> dict[str, DampedKroneckerInverse]:
+    factors = fit_kfac(model, layers, batches, fisher=settings.fisher, seed=settings.seed)
+    return ekfac_inverses(model, layers, batches, factors, settings.damping, settings.damping_mode,
+                          fisher=settings.fisher, seed=settings.seed)
+
+
+CURVATURES: dict[str, Curvature] = {"none": _no_curvature, "kfac": _kfac, "ekfac": _ekfac}
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """An estimator is a choice of layers, curvature and normalisation."""
+
+    groups: tuple[str, ...]
+    curvature: str
+    cosine: bool = False
+    description: str = ""
+
+
+ALL_LAYERS = ("mlp", "attn_qkv_joint", "attn_out")
+ESTIMATORS: dict[str, EstimatorSpec] = {
+    "dot": EstimatorSpec(ALL_LAYERS, "none", description="no-Hessian: gradient dot product"),
+    "cosine": EstimatorSpec(ALL_LAYERS, "none", cosine=True, description="no-Hessian: gradient cosine"),
+    "kfac_mlp": EstimatorSpec(("mlp",), "kfac", description="K-FAC on MLP layers only"),
+    "kfac_attn_indep": EstimatorSpec(("mlp", "attn_qkv_independent", "attn_out"), "kfac",
+                                     description="K-FAC on MLP and attention, Q, K, V independent"),
+    "kfac_joint_qkv": EstimatorSpec(ALL_LAYERS, "kfac", description="Quad: K-FAC with Q, K, V as one joint layer"),
+    "ekfac_joint_qkv": EstimatorSpec(ALL_LAYERS, "ekfac", description="EK-FAC with Q, K, V as one joint layer"),
+}
+DEFAULT_ESTIMATOR = "kfac_joint_qkv"
+
+
+def _predicted_tokens(batch: Batch) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+class InfluenceEstimator:
+    """fit(model, batches) -> set_reference(model, batches) -> score(model, batch) -> Tensor[B]."""
+
+    def __init__(self, spec: EstimatorSpec, settings: InfluenceSettings | None = None, name: str = "") -> None:
+        if spec.curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {spec.curvature!r}; known: {sorted(CURVATURES)}")
+        self.spec = spec
+        self.name = name
+        self.settings = settings or InfluenceSettings()
+        self.layers: list[TrackedLayer] = []
+        self.inverses: dict[str, DampedKroneckerInverse] | None = None
+        self.fitted = False
+        self.direction: dict[str, torch.Tensor] = {}  # V_l [out, in(+1)], float64
+        self.reference_norm = 0.0  # ||grad L(D_ref)|| over tracked layers (cosine)
+        self._cast: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def _bind(self, model: nn.Module) -> None:
+        layers = discover_layers(model, self.spec.groups, self.settings.layer_filter)
+        if self.layers and [layer.name for layer in layers] != [layer.name for layer in self.layers]:
+            raise ValueError(f"estimator {self.name!r} was fitted on another model layout")
+        self.layers = layers
+
+    # -- curvature -------------------------------------------------------------------------
+    def fit(self, model: nn.Module, batches: Iterable[Batch]) -> None:
+        """Fit the curvature on pool batches (a no-op for the no-Hessian estimators)."""
+        self._bind(model)
+        self.inverses = CURVATURES[self.spec.curvature](model, self.layers, list(batches), self.settings)
+        self.fitted = True
+
+    def precondition(self, layer_name: str, matrix: torch.Tensor) -> torch.Tensor:
+        """(H_l + lambda I)^-1 applied to a layer gradient [..., out, in(+1)] (identity without curvature)."""
+        if not self.fitted:
+            raise RuntimeError(f"call fit() on estimator {self.name!r} before preconditioning or scoring")
+        return matrix if self.inverses is None else self.inverses[layer_name].apply(matrix)
+
+    # -- reference -------------------------------------------------------------------------
+    def set_reference(self, model: nn.Module, batches: Iterable[Batch]) -> None:
+        """Aggregate grad L(theta, D_ref) (mean CE per reference token) and precondition it once per layer."""
+        self._bind(model)
+        sums = {layer.name: torch.zeros(layer.out_features, layer.in_augmented, dtype=torch.float64)
+                for layer in self.layers}
+        n_tokens = 0
+        for batch in batches:
+            mask = batch["attention_mask"].bool()
+
+            def consumer(layer: TrackedLayer, x: torch.Tensor, delta: torch.Tensor) -> None:
+                real = x[mask].double()  # [N, in]
+                real = augment_bias(real) if layer.has_bias else real
+                sums[layer.name] += (delta[mask].double().T @ real).cpu()  # [out, in(+1)]
+
+            backward_pass(model, self.layers, consumer, lambda b=batch: summed_token_loss(model, b)[0])
+            n_tokens += _predicted_tokens(batch)
+        if n_tokens == 0:
+            raise ValueError("the reference batches contain no predicted token")
+        gradients = {name: total / n_tokens for name, total in sums.items()}
+        self.reference_norm = math.sqrt(sum(float(g.square().sum()) for g in gradients.values()))
+        self.direction = {name: self.precondition(name, g) for name, g in gradients.items()}
+        self._cast.clear()
+
+    def _direction_as(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.dtype, like.device)
+        if key not in self._cast:
+            self._cast[key] = self.direction[name].to(dtype=like.dtype, device=like.device)
+        return self._cast[key]
+
+    # -- scoring ---------------------------------------------------------------------------
+    def score_layers(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per tracked layer, each document's contribution [B] (float64); they sum to `score`."""
+        if not self.direction:
+            raise RuntimeError(f"call set_reference() on estimator {self.name!r} before scoring")
+        self._bind(model)
+        mask = batch["attention_mask"].to(torch.float64)  # [B, T]
+        dots: dict[str, torch.Tensor] = {}
+        squared_norms: dict[str, torch.Tensor] = {}
+
+        def consumer(layer: TrackedLayer, x: torch.Tensor, delta: torch.Tensor) -> None:
+            v = self._direction_as(layer.name, x)  # [out, in(+1)]
+            per_token = ((delta @ v[:, :layer.in_features]) * x).sum(-1)  # [B, T]
+            if layer.has_bias:
+                per_token = per_token + delta @ v[:, -1]
+            m = mask.to(x.device)
+            dots[layer.name] = (per_token.double() * m).sum(1).cpu()
+            if self.spec.cosine:
+                squared_norms[layer.name] = per_document_squared_norm(x, delta, m.to(x.dtype), layer.has_bias).cpu()
+
+        backward_pass(model, self.layers, consumer, lambda: document_losses(model, batch).sum())
+        if not self.spec.cosine:
+            return dots
+        norms = torch.stack(list(squared_norms.values())).sum(0).sqrt() * self.reference_norm  # [B]
+        return {name: dot / norms.clamp_min(torch.finfo(torch.float64).tiny) for name, dot in dots.items()}
+
+    def score(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Each document's influence score [B] (float64, higher = lowers reference loss more)."""
+        return torch.stack(list(self.score_layers(model, batch).values())).sum(0)
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Curvature and reference direction as safetensors (open format, no pickle)."""
+        tensors = {f"direction/{name}": v.contiguous() for name, v in self.direction.items()}
+        for name, inv in (self.inverses or {}).items():
+            tensors[f"q_activation/{name}"] = inv.q_activation.contiguous()
+            tensors[f"q_gradient/{name}"] = inv.q_gradient.contiguous()
+            tensors[f"eigenvalues/{name}"] = inv.eigenvalues.contiguous()
+            tensors[f"damping/{name}"] = torch.tensor(inv.damping, dtype=torch.float64)
+        tensors["reference_norm"] = torch.tensor(self.reference_norm, dtype=torch.float64)
+        with atomic_path(Path(path)) as tmp:
+            save_file(tensors, str(tmp), metadata={"estimator": self.name})
+
+    def load(self, model: nn.Module, path: str | Path) -> None:
+        """Restore what `save` wrote, for the same model layout."""
+        self._bind(model)
+        tensors = load_file(str(path))
+        names = [layer.name for layer in self.layers]
+        if self.spec.curvature != "none":
+            self.inverses = {name: DampedKroneckerInverse(tensors[f"q_activation/{name}"], tensors[f"q_gradient/{name}"],
+                                                          tensors[f"eigenvalues/{name}"],
+                                                          float(tensors[f"damping/{name}"])) for name in names}
+        self.fitted = True
+        self.direction = {name: tensors[f"direction/{name}"] for name in names if f"direction/{name}" in tensors}
+        self.reference_norm = float(tensors["reference_norm"])
+        self._cast.clear()
+
+
+def per_document_squared_norm(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """||sum_t d_t x_t^T||_F^2 per document [B], via token Gram matrices when T^2 (in+out) < T in out."""
+    _, tokens, n_in = x.shape
+    n_out = delta.shape[-1]
+    x = x * mask[..., None]
+    if tokens * (n_in + n_out) < n_in * n_out:
+        gram_x = x @ x.transpose(1, 2)  # [B, T, T]
+        if has_bias:
+            gram_x = gram_x + mask[:, :, None] * mask[:, None, :]
+        gram_d = delta @ delta.transpose(1, 2)  # [B, T, T]
+        return (gram_x * gram_d).sum((1, 2)).double()
+    x = augment_bias(x) * mask[..., None] if has_bias else x
+    return torch.einsum("bto,bti->boi", delta, x).square().sum((1, 2)).double()  # via [B, out, in]
+
+
+def make_estimator(name: str = DEFAULT_ESTIMATOR, settings: InfluenceSettings | str | None = None) -> InfluenceEstimator:
+    """An estimator from the registry; `settings` may be an InfluenceSettings or a PRESETS name."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; known: {sorted(ESTIMATORS)}")
+    if isinstance(settings, str):
+        if settings not in PRESETS:
+            raise ValueError(f"unknown settings preset {settings!r}; known: {sorted(PRESETS)}")
+        settings = PRESETS[settings]
+    return InfluenceEstimator(ESTIMATORS[name], settings, name)

@@ -1,0 +1,148 @@
+"""Text-level influence scoring: tokenise, batch, fit, set the reference, score, count the cost.
+
+Documents are batched by length (padding does not change a score, so this only saves time) and
+results come back in input order. FLOPs are the usual estimates: 6 * n_params * tokens for a
+forward+backward pass, 2 * n_params * tokens for a forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from quadlib.device import default_device
+from quadlib.influence.cache import ScoreCache
+from quadlib.influence.estimators import DEFAULT_ESTIMATOR, InfluenceEstimator, make_estimator
+from quadlib.influence.loss import IGNORE, Batch
+
+TextEncoder = Callable[[str], Sequence[int]]
+PASSES_PER_FIT_BATCH = {"none": 0, "kfac": 1, "ekfac": 2}
+
+
+@dataclass
+class ScoringCost:
+    """What scoring has cost so far (fit and reference passes included)."""
+
+    documents_scored: int = 0
+    forward_passes: int = 0
+    backward_passes: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+
+    def add(self, n_params: int, tokens: int, passes: int = 1, backward: bool = True) -> None:
+        self.forward_passes += passes
+        self.backward_passes += passes if backward else 0
+        self.tokens += tokens * passes
+        self.flops += (6 if backward else 2) * n_params * tokens * passes
+
+
+def encoder_for(tokenizer: PreTrainedTokenizerBase | TextEncoder | object) -> TextEncoder:
+    """A text -> token ids function from an HF tokenizer, a `tokenizers.Tokenizer` or a plain callable."""
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    encode = getattr(tokenizer, "encode", None)
+    if encode is not None:
+        return lambda text: getattr(encode(text), "ids", None) or list(encode(text))
+    if callable(tokenizer):
+        return lambda text: list(tokenizer(text))
+    raise TypeError(f"cannot tokenise with {type(tokenizer).__name__}: pass an HF tokenizer or a callable")
+
+
+def collate(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Batch:
+    """Right-padded batch: input_ids, attention_mask and labels (-100 on padding), all [B, T]."""
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+class InfluenceScorer:
+    """score_texts(texts) -> np.ndarray of influence scores (higher = lowers reference loss more)."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | TextEncoder | object,
+                 estimator: InfluenceEstimator | str = DEFAULT_ESTIMATOR, max_length: int = 512,
+                 batch_size: int | None = None, device: str | None = None) -> None:
+        self.device = default_device(device)
+        self.model = model.to(self.device)
+        self.estimator = make_estimator(estimator) if isinstance(estimator, str) else estimator
+        self.encode = encoder_for(tokenizer)
+        self.eos_id = getattr(tokenizer, "eos_token_id", None)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad if pad is not None else self.eos_id if self.eos_id is not None else 0)
+        self.max_length = max_length
+        self.batch_size = batch_size or self.estimator.settings.batch_size
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.cost = ScoringCost()
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = list(self.encode(text))
+        if self.eos_id is not None:
+            ids.append(int(self.eos_id))
+        return ids[:self.max_length]
+
+    def batches(self, texts: Sequence[str]) -> Iterator[tuple[list[int], Batch]]:
+        """(positions in `texts`, batch) with similar lengths together; every position exactly once."""
+        encoded = [self.tokenize(text) for text in texts]
+        order = sorted(range(len(texts)), key=lambda i: (-len(encoded[i]), i))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            yield rows, collate([encoded[i] for i in rows], self.pad_id, self.device)
+
+    def _count(self, batch: Batch, passes: int = 1) -> None:
+        self.cost.add(self.n_params, int(batch["attention_mask"].sum()), passes)
+
+    def fit_texts(self, texts: Sequence[str]) -> None:
+        """Fit the estimator's curvature on pool texts."""
+        batches = [batch for _, batch in self.batches(texts)]
+        self.estimator.fit(self.model, batches)
+        for batch in batches:
+            self._count(batch, PASSES_PER_FIT_BATCH[self.estimator.spec.curvature])
+
+    def set_reference_texts(self, texts: Sequence[str]) -> None:
+        batches = [batch for _, batch in self.batches(texts)]
+        self.estimator.set_reference(self.model, batches)
+        for batch in batches:
+            self._count(batch)
+
+    def score_texts(self, texts: Sequence[str], ids: Sequence[str] | None = None, per_layer: bool = False,
+                    cache: ScoreCache | None = None) -> np.ndarray | pd.DataFrame:
+        """Scores [N] in input order; with `per_layer`, a long DataFrame (doc, layer, group, block, score).
+
+        With `cache` (needs `ids`), documents already scored are read back, not recomputed.
+        """
+        if ids is not None and len(ids) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
+        if cache is not None and (ids is None or per_layer):
+            raise ValueError("a score cache needs document ids and works on total scores (per_layer=False)")
+        known = cache.get(ids) if cache is not None else {}
+        todo = [i for i in range(len(texts)) if ids is None or ids[i] not in known]
+        scores = np.full(len(texts), np.nan)
+        for i, doc_id in enumerate(ids or []):
+            scores[i] = known.get(doc_id, np.nan)
+        rows_out: list[dict[str, object]] = []
+        groups = {layer.name: (layer.group, layer.block) for layer in self.estimator.layers}
+        for rows, batch in tqdm(list(self.batches([texts[i] for i in todo])), desc="scoring", leave=False):
+            positions = [todo[r] for r in rows]
+            by_layer = self.estimator.score_layers(self.model, batch)
+            scores[positions] = torch.stack(list(by_layer.values())).sum(0).numpy()
+            self._count(batch)
+            self.cost.documents_scored += len(positions)
+            if per_layer:
+                for name, values in by_layer.items():
+                    for pos, value in zip(positions, values.tolist(), strict=True):
+                        rows_out.append({"doc": ids[pos] if ids is not None else pos, "layer": name,
+                                         "group": groups[name][0], "block": groups[name][1], "score": value})
+        if cache is not None and todo:
+            cache.put([ids[i] for i in todo], scores[todo])
+        return pd.DataFrame(rows_out) if per_layer else scores

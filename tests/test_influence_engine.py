@@ -1,0 +1,228 @@
+"""Exact identities of the influence engine, checked against brute force in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from quadlib.influence.capture import augment_bias, backward_pass
+from quadlib.influence.estimators import ESTIMATORS, InfluenceEstimator, InfluenceSettings, make_estimator
+from quadlib.influence.kfac import DampedKroneckerInverse, FactorAccumulator, KroneckerFactors, kfac_inverses
+from quadlib.influence.layers import GROUPS, LayerPart, TrackedLayer, discover_layers, layer_gradient
+from quadlib.influence.loss import Batch, document_losses, summed_token_loss
+from quadlib.influence.projection import GradientProjector, ProjectionSettings
+from quadlib.influence.toy import random_batch, tiny_gpt2, tiny_llama
+
+VOCAB = 64
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def _fit_batches() -> list[Batch]:
+    return [random_batch(4, 10, VOCAB, seed=s, lengths=[10, 7, 10, 4]) for s in (1, 2)]
+
+
+def _ref_batches() -> list[Batch]:
+    return [random_batch(3, 9, VOCAB, seed=11, lengths=[9, 9, 5])]
+
+
+def _doc_batch() -> Batch:
+    return random_batch(5, 8, VOCAB, seed=21, lengths=[8, 6, 8, 3, 8])
+
+
+def _random_spd(n: int, generator: torch.Generator) -> torch.Tensor:
+    root = torch.randn(n, n + 3, generator=generator, dtype=torch.float64)
+    return root @ root.T / n
+
+
+def _fitted(model: nn.Module, name: str, settings: InfluenceSettings | None = None) -> InfluenceEstimator:
+    estimator = make_estimator(name, settings or InfluenceSettings(fisher="sampled", seed=3))
+    estimator.fit(model, _fit_batches())
+    estimator.set_reference(model, _ref_batches())
+    return estimator
+
+
+def _brute_force_scores(model: nn.Module, estimator: InfluenceEstimator, batch: Batch) -> torch.Tensor:
+    """grad_ref^T (H + lambda I)^-1 grad_z from autograd parameter gradients and dense explicit solves."""
+    layers = estimator.layers
+    model.zero_grad()
+    n_ref = sum(int((b["labels"][:, 1:] != -100).sum()) for b in _ref_batches())
+    sum(summed_token_loss(model, b)[0] for b in _ref_batches()).backward()  # scaled after: Llama's RMSNorm
+    reference = {layer.name: layer_gradient(model, layer).flatten() / n_ref for layer in layers}  # rounds in fp32
+    if estimator.inverses is not None:  # (H + lambda I) is symmetric: solve once for the reference side
+        reference = {name: torch.linalg.solve(estimator.inverses[name].explicit(), g) for name, g in reference.items()}
+    scores = []
+    for row in range(batch["input_ids"].shape[0]):
+        model.zero_grad()
+        document_losses(model, {k: v[row:row + 1] for k, v in batch.items()}).sum().backward()
+        grads = {layer.name: layer_gradient(model, layer).flatten() for layer in layers}
+        if estimator.spec.cosine:
+            ref_all, doc_all = torch.cat(list(reference.values())), torch.cat(list(grads.values()))
+            scores.append(ref_all @ doc_all / (ref_all.norm() * doc_all.norm()))
+            continue
+        scores.append(sum(reference[layer.name] @ grads[layer.name] for layer in layers))
+    model.zero_grad()
+    return torch.stack(scores)
+
+
+def test_eigen_damped_inverse_equals_explicit_solve() -> None:
+    generator = torch.Generator().manual_seed(0)
+    n_in, n_out, damping = 5, 4, 0.37
+    factors = KroneckerFactors(_random_spd(n_in, generator), _random_spd(n_out, generator), n_tokens=1)
+    inverse = kfac_inverses({"w": factors}, damping, "absolute")["w"]
+    matrix = torch.randn(n_out, n_in, generator=generator, dtype=torch.float64)
+    dense = torch.kron(factors.gradient, factors.activation) + damping * torch.eye(n_in * n_out, dtype=torch.float64)
+    expected = torch.linalg.solve(dense, matrix.flatten()).view(n_out, n_in)
+    torch.testing.assert_close(inverse.apply(matrix), expected, rtol=1e-6, atol=1e-9)
+    relative = kfac_inverses({"w": factors}, 0.1, "relative")["w"]
+    assert relative.damping == pytest.approx(0.1 * float(torch.outer(*(torch.linalg.eigvalsh(f) for f in
+                                                                       (factors.gradient, factors.activation))).mean()))
+
+
+def test_kfac_equals_exact_fisher_solve_when_factorisation_is_exact() -> None:
+    """One token per example and a shared input x: E[(d d^T) (x) (x x^T)] = G (x) A holds exactly."""
+    generator = torch.Generator().manual_seed(1)
+    n, n_in, n_out, damping = 12, 4, 3, 0.05
+    layer = TrackedLayer("fc", "mlp", 0, (LayerPart("fc"),), n_in, n_out, has_bias=False)
+    x = torch.randn(n_in, generator=generator, dtype=torch.float64).expand(n, 1, n_in)  # [N, 1, in]
+    delta = torch.randn(n, 1, n_out, generator=generator, dtype=torch.float64)  # [N, 1, out]
+    accumulator = FactorAccumulator([layer])
+    accumulator.mask = torch.ones(n, 1, dtype=torch.bool)
+    accumulator(layer, x, delta)
+    factors = accumulator.factors()
+    per_example = torch.einsum("nto,nti->noi", delta, x).flatten(1)  # [N, out*in]
+    fisher = per_example.T @ per_example / n
+    torch.testing.assert_close(torch.kron(factors["fc"].gradient, factors["fc"].activation), fisher)
+    inverse = kfac_inverses(factors, damping, "absolute")["fc"]
+    matrix = torch.randn(n_out, n_in, generator=generator, dtype=torch.float64)
+    exact = torch.linalg.solve(fisher + damping * torch.eye(n_in * n_out, dtype=torch.float64), matrix.flatten())
+    torch.testing.assert_close(inverse.apply(matrix).flatten(), exact, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", sorted(MODELS))
+def test_hook_per_document_gradients_equal_autograd(layout: str) -> None:
+    model = MODELS[layout]()
+    batch = _doc_batch()
+    joint = discover_layers(model, ("mlp", "attn_qkv_joint", "attn_out"))
+    layers = joint + discover_layers(model, ("attn_qkv_independent",))
+    mask = batch["attention_mask"].to(torch.float64)
+    from_hooks: dict[str, torch.Tensor] = {}
+
+    def consumer(layer: TrackedLayer, x: torch.Tensor, delta: torch.Tensor) -> None:
+        x = augment_bias(x) if layer.has_bias else x
+        from_hooks[layer.name] = torch.einsum("bto,bti->boi", delta, x * mask[..., None])
+
+    backward_pass(model, layers, consumer, lambda: document_losses(model, batch).sum())
+    assert all(p.requires_grad for p in model.parameters()), "weights must be unfrozen after the pass"
+    for row in range(batch["input_ids"].shape[0]):
+        model.zero_grad()
+        document_losses(model, {k: v[row:row + 1] for k, v in batch.items()}).sum().backward()
+        for layer in layers:
+            torch.testing.assert_close(from_hooks[layer.name][row], layer_gradient(model, layer),
+                                       rtol=1e-9, atol=1e-12, msg=f"{layout} {layer.name} doc {row}")
+
+
+@pytest.mark.parametrize("layout", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_reverse_mode_score_equals_brute_force(layout: str, name: str) -> None:
+    model = MODELS[layout]()
+    estimator = _fitted(model, name)
+    batch = _doc_batch()
+    scores = estimator.score(model, batch)
+    assert scores.shape == (5,) and torch.isfinite(scores).all()
+    torch.testing.assert_close(scores, _brute_force_scores(model, estimator, batch), rtol=1e-7, atol=1e-10)
+    per_layer = estimator.score_layers(model, batch)
+    torch.testing.assert_close(torch.stack(list(per_layer.values())).sum(0), scores)
+
+
+@pytest.mark.parametrize("layout", sorted(MODELS))
+def test_joint_and_independent_qkv_differ(layout: str) -> None:
+    model = MODELS[layout]()
+    joint, independent = _fitted(model, "kfac_joint_qkv"), _fitted(model, "kfac_attn_indep")
+    joint_qkv = [layer for layer in joint.layers if layer.group == "attn_qkv_joint"]
+    assert joint_qkv and all(joint.inverses[layer.name].q_gradient.shape[0] == layer.out_features for layer in joint_qkv)
+    assert len([layer for layer in independent.layers if layer.group == "attn_qkv_independent"]) == 3 * len(joint_qkv)
+    batch = _doc_batch()
+    assert not torch.allclose(joint.score(model, batch), independent.score(model, batch), rtol=1e-3)
+
+
+def test_projected_scores_converge_to_unprojected() -> None:
+    model = tiny_llama()
+    estimator = _fitted(model, "kfac_joint_qkv")
+    batches = [random_batch(8, 8, VOCAB, seed=s) for s in (40, 41, 42)]
+    exact = torch.cat([estimator.score(model, b) for b in batches]).numpy()
+    correlations = []
+    for dim in (4, 64, 4096):
+        per_seed = []
+        for seed in range(3):
+            projector = GradientProjector(estimator.layers, ProjectionSettings(dim_per_layer=dim, seed=seed))
+            direction = projector.project_direction(estimator.direction)
+            sketches = torch.cat([projector.project_documents(model, b) for b in batches])
+            per_seed.append(np.corrcoef(exact, (sketches @ direction).numpy())[0, 1])
+        correlations.append(float(np.mean(per_seed)))
+    assert correlations[0] < correlations[1] < correlations[2], correlations
+    assert correlations[2] > 0.9, correlations
+
+
+def test_preconditioned_projection_is_consistent() -> None:
+    """Sketching P grad_z and taking the inner product with the sketched raw reference gradient."""
+    model = tiny_gpt2()
+    estimator = _fitted(model, "kfac_joint_qkv")
+    batch = _doc_batch()
+    projector = GradientProjector(estimator.layers, ProjectionSettings(dim_per_layer=4096, kind="gaussian"))
+    plain, preconditioned = projector.project_documents(model, batch), projector.project_documents(
+        model, batch, precondition=estimator.precondition)
+    raw_dot = make_estimator("dot")
+    raw_dot.fit(model, [])
+    raw_dot.set_reference(model, _ref_batches())
+    assert np.corrcoef((plain @ projector.project_direction(raw_dot.direction)).numpy(),
+                       raw_dot.score(model, batch).numpy())[0, 1] > 0.9
+    assert np.corrcoef((preconditioned @ projector.project_direction(raw_dot.direction)).numpy(),
+                       estimator.score(model, batch).numpy())[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("layout", sorted(MODELS))
+@pytest.mark.parametrize("name", ["kfac_joint_qkv", "cosine"])
+def test_padding_does_not_change_scores(layout: str, name: str) -> None:
+    model = MODELS[layout]()
+    estimator = _fitted(model, name)
+    padded = random_batch(3, 12, VOCAB, seed=5, lengths=[6, 12, 9])
+    alone = {k: v[:1, :6] for k, v in padded.items()}
+    torch.testing.assert_close(estimator.score(model, alone)[0], estimator.score(model, padded)[0],
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_same_seed_same_scores_and_save_load(tmp_path) -> None:
+    model = tiny_llama()
+    batch = _doc_batch()
+    first, second = _fitted(model, "ekfac_joint_qkv"), _fitted(model, "ekfac_joint_qkv")
+    assert torch.equal(first.score(model, batch), second.score(model, batch))
+    first.save(tmp_path / "ekfac.safetensors")
+    restored = make_estimator("ekfac_joint_qkv")
+    restored.load(model, tmp_path / "ekfac.safetensors")
+    torch.testing.assert_close(restored.score(model, batch), first.score(model, batch))
+
+
+def test_unsupported_models_and_bad_input_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="not a supported decoder layout"):
+        discover_layers(nn.Sequential(nn.Linear(4, 4)), GROUPS[:1])
+    with pytest.raises(ValueError, match="unknown layer group"):
+        discover_layers(tiny_llama(), ("mlp", "attn"))
+    with pytest.raises(ValueError, match="unknown estimator"):
+        make_estimator("kfac_everything")
+    with pytest.raises(RuntimeError, match="set_reference"):
+        make_estimator("dot").score(tiny_llama(), _doc_batch())
+    with pytest.raises(ValueError, match="lacks"):
+        document_losses(tiny_llama(), {"input_ids": torch.zeros(1, 3, dtype=torch.long)})
+    with pytest.raises(ValueError, match="damping_mode"):
+        InfluenceSettings(damping_mode="adaptive")
+
+
+def test_explicit_matrix_matches_apply_for_ekfac_eigenvalues() -> None:
+    generator = torch.Generator().manual_seed(2)
+    q_a = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))[0]
+    q_g = torch.linalg.qr(torch.randn(2, 2, generator=generator, dtype=torch.float64))[0]
+    inverse = DampedKroneckerInverse(q_a, q_g, torch.rand(2, 3, generator=generator, dtype=torch.float64), 0.2)
+    matrix = torch.randn(2, 3, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(inverse.apply(matrix).flatten(), torch.linalg.solve(inverse.explicit(), matrix.flatten()))
