@@ -305,3 +305,18 @@ def test_warmup_proxy_needs_a_tokenizer_for_named_configs(store) -> None:
     with pytest.raises(ValueError, match="tokenizer_vocab"):
         warmup_proxy(store, TEXTS, "test-llama", None, tiny_settings())
 
+
+
+def test_warmup_proxy_resumes_after_a_crash(store, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = tiny_settings(total_steps=3)
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise Interrupt
+
+    monkeypatch.setattr("quadlib.proxy.warmup.save_model", crash)  # dies after training, before the marker
+    with pytest.raises(Interrupt):
+        warmup_proxy(store, TEXTS, "test-llama", 300, settings, progress=False)
+    monkeypatch.undo()
+    warmup_proxy(store, TEXTS, "test-llama", 300, settings, progress=False)
+    train = json.loads((store.root / "proxy" / "train.json").read_text())
+    assert train["resumed_from"] == 3 and len(train["losses"]) == 3  # continued from the last checkpoint
