@@ -18,7 +18,8 @@ from quadlib.cluster import assign
 from quadlib.embed import EmbedSettings, embed_corpus, embedding_path, load_embeddings
 from quadlib.execution import (ExecutorSettings, LocalExecutor, ShardStep, make_executor, read_step_output,
                                shard_is_done)
-from quadlib.execution.steps import AssignStep, DsirFeatureStep, EmbedStep
+from quadlib.execution.steps import (AssignStep, DsirFeatureStep, EmbedStep, InfluenceStep, MatesPredictStep,
+                                     PerplexityStep)
 from quadlib.runstore import RunStore
 
 TESTS = Path(__file__).resolve().parent
@@ -156,3 +157,46 @@ def test_a_killed_driver_resumes_from_finished_shards(store: RunStore, tmp_path:
     resumed = LocalExecutor().run(SlowStep(seconds=0.0), store)
     assert resumed.skipped == done and len(resumed.processed) == 8 - done
     assert_exactly_once(store, SlowStep())
+
+
+def test_mates_step_applies_the_fitted_probe_to_every_shard(corpus: RunStore) -> None:
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(1)
+    for shard in corpus.shards("corpus"):
+        np.save(embedding_path(corpus, shard), rng.normal(size=(10, 8)).astype(np.float32))
+    vectors = np.concatenate([np.load(embedding_path(corpus, s)) for s in corpus.shards("corpus")])
+    probe = Ridge(alpha=1.0).fit(vectors[:20], rng.normal(size=20))
+    step = MatesPredictStep(probe, model_id="ridge-test")
+    LocalExecutor().run(step, corpus)
+    np.testing.assert_allclose(read_step_output(corpus, step)["prediction"], probe.predict(vectors), rtol=1e-6)
+
+
+def test_proxy_steps_equal_the_influence_scorer_and_the_probe(corpus: RunStore, tmp_path: Path) -> None:
+    """Perplexity and influence through the executor are the modules' own numbers (no second path)."""
+    from quadlib.influence.estimators import make_estimator
+    from quadlib.influence.scorer import InfluenceScorer
+    from quadlib.proxy.checkpoint import save_model
+    from quadlib.proxy.configs import build_model
+    from quadlib.proxy.tokenizer import train_bpe_tokenizer
+    from quadlib.selection.probes import HFProbeModel
+
+    texts = pd.concat([pd.read_parquet(s) for s in corpus.shards("corpus")])["text"].tolist()
+    tokenizer = train_bpe_tokenizer(texts, 300, tmp_path / "tok")
+    model = build_model("test-llama", tokenizer=tokenizer, device="cpu").eval()
+    save_model(model, tokenizer, tmp_path / "model")
+    estimator = make_estimator("kfac_joint_qkv")
+    scorer = InfluenceScorer(model, tokenizer, estimator, max_length=32, batch_size=8, device="cpu")
+    scorer.fit_texts(texts[:16])
+    scorer.set_reference_texts(texts[20:28])
+    estimator.save(tmp_path / "estimator.safetensors")
+
+    influence = InfluenceStep(tmp_path / "model", tmp_path / "estimator.safetensors", max_length=32, batch_size=8,
+                              device="cpu")
+    perplexity = PerplexityStep(tmp_path / "model", max_length=32, batch_size=8, device="cpu")
+    for step in (influence, perplexity):
+        LocalExecutor().run(step, corpus)
+    expected_scores = np.concatenate([scorer.score_texts(texts[i:i + 8]) for i in range(0, 40, 8)])
+    np.testing.assert_allclose(read_step_output(corpus, influence)["score"], expected_scores, rtol=1e-4, atol=1e-6)
+    probe = HFProbeModel(model, tokenizer, ["unused"], max_length=32, batch_size=8, device="cpu")
+    np.testing.assert_allclose(read_step_output(corpus, perplexity)["loss"], probe.doc_losses(texts), rtol=1e-5)

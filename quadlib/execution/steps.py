@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -64,15 +64,37 @@ class EmbedStep(ShardStep):
         return pd.DataFrame({"id": batch["id"], "vector": list(vectors)})
 
 
-class AssignStep(ShardStep):
+class EmbeddingShardStep(ShardStep):
+    """A step over each corpus shard's ids joined with its embedding rows (`vector`), read from
+    `quadlib.embed`'s aligned `.npy`; memory per worker is one embedding shard."""
+
+    input_columns = ("id",)
+    embed_step: str = "embed"
+
+    def read_input(self, store: RunStore, shard: Path) -> pd.DataFrame:
+        from quadlib.embed import embedding_path
+
+        frame = super().read_input(store, shard)
+        path = embedding_path(store, shard, self.embed_step)
+        vectors = np.load(path, mmap_mode="r")  # [n, d]
+        if len(vectors) != len(frame):
+            raise ValueError(f"{path} has {len(vectors)} rows for {len(frame)} documents in {shard}; "
+                             "re-run the embed step")
+        return frame.assign(vector=list(np.asarray(vectors)))
+
+    @staticmethod
+    def vectors(batch: pd.DataFrame) -> np.ndarray:
+        return np.stack(batch["vector"].to_list())  # [B, d]
+
+
+class AssignStep(EmbeddingShardStep):
     """Nearest-centroid assignment of every document (Quad Sec. 3.2) with `quadlib.cluster.ShardAssigner`.
 
     The fitted centroids travel with the step (Ray puts them in the object store once) and each
-    worker builds its search index once; memory per worker is one embedding shard plus the index.
+    worker builds its search index once.
     """
 
     holds_model = True
-    input_columns = ("id",)
 
     def __init__(self, centroids: np.ndarray, *, spherical: bool = True, chunk_size: int = 65_536,
                  device: str | None = None, embed_step: str = "embed", corpus_step: str = "corpus",
@@ -87,16 +109,6 @@ class AssignStep(ShardStep):
                 "k": int(self.centroids.shape[0]), "spherical": self.spherical, "embed_step": self.embed_step,
                 "embed_params": upstream_params(store, self.embed_step)}
 
-    def read_input(self, store: RunStore, shard: Path) -> pd.DataFrame:
-        from quadlib.embed import embedding_path
-
-        frame = super().read_input(store, shard)
-        vectors = np.load(embedding_path(store, shard, self.embed_step), mmap_mode="r")  # [n, d]
-        if len(vectors) != len(frame):
-            raise ValueError(f"{embedding_path(store, shard, self.embed_step)} has {len(vectors)} rows for "
-                             f"{len(frame)} documents in {shard}; re-run the embed step")
-        return frame.assign(vector=list(np.asarray(vectors)))
-
     def setup(self) -> None:
         from quadlib.cluster import ShardAssigner
 
@@ -104,8 +116,112 @@ class AssignStep(ShardStep):
             self.assigner = ShardAssigner(self.centroids, self.spherical, self.chunk_size, self.device)
 
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
-        labels, distances = self.assigner(np.stack(batch["vector"].to_list()))  # [B], [B]
+        labels, distances = self.assigner(self.vectors(batch))  # [B], [B]
         return pd.DataFrame({"id": batch["id"], "cluster": labels, "distance": distances})
+
+
+class Predictor(Protocol):
+    def predict(self, vectors: np.ndarray) -> np.ndarray: ...
+
+
+class MatesPredictStep(EmbeddingShardStep):
+    """MATES's data-influence predictions for the whole pool (Yu et al. 2024): the fitted model
+    (`quadlib.selection.methods.mates`, a ridge probe on embeddings) applied shard by shard."""
+
+    def __init__(self, model: Predictor, *, model_id: str, embed_step: str = "embed", corpus_step: str = "corpus",
+                 name: str = "mates-predict", resources: Resources = Resources()) -> None:
+        self.model, self.model_id = model, model_id
+        self.embed_step, self.input_step, self.name, self.resources = embed_step, corpus_step, name, resources
+
+    def params(self, store: RunStore) -> dict[str, Any]:
+        return {"model_id": self.model_id, "embed_params": upstream_params(store, self.embed_step)}
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        predicted = np.asarray(self.model.predict(self.vectors(batch)), dtype=np.float64)  # [B]
+        return pd.DataFrame({"id": batch["id"], "prediction": predicted})
+
+
+class ProxyModelStep(ShardStep):
+    """A step holding the warmed-up proxy (`<run>/proxy/model`, `quadlib.proxy`), loaded once per worker."""
+
+    holds_model = True
+
+    def __init__(self, model_dir: str | Path, *, max_length: int, batch_size: int, device: str | None,
+                 corpus_step: str, name: str, resources: Resources) -> None:
+        self.model_dir, self.max_length, self.device = str(model_dir), max_length, device
+        self.batch_size, self.input_step, self.name, self.resources = batch_size, corpus_step, name, resources
+
+    def proxy_params(self, store: RunStore) -> dict[str, Any]:
+        return {"model_dir": self.model_dir, "proxy_params": upstream_params(store, "proxy"),
+                "max_length": self.max_length}
+
+    def load_proxy(self) -> tuple[Any, Any]:
+        """(model in eval mode on the step's device, tokenizer with a pad token)."""
+        from quadlib.proxy.configs import build_model
+        from quadlib.proxy.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(self.model_dir)
+        return build_model(self.model_dir, device=self.device, tokenizer=tokenizer).eval(), tokenizer
+
+
+class PerplexityStep(ProxyModelStep):
+    """Mean token loss of every document under the proxy (the PPL baseline's score), through
+    `quadlib.selection.probes.HFProbeModel.doc_losses`."""
+
+    def __init__(self, model_dir: str | Path, *, max_length: int = 256, batch_size: int = 16,
+                 device: str | None = None, corpus_step: str = "corpus", name: str = "perplexity",
+                 resources: Resources = Resources()) -> None:
+        super().__init__(model_dir, max_length=max_length, batch_size=batch_size, device=device,
+                         corpus_step=corpus_step, name=name, resources=resources)
+        self.probe: Any = None
+
+    def params(self, store: RunStore) -> dict[str, Any]:
+        return self.proxy_params(store)
+
+    def setup(self) -> None:
+        from quadlib.selection.probes import HFProbeModel
+
+        if self.probe is None:
+            model, tokenizer = self.load_proxy()
+            # doc_losses never reads the reference; the probe only insists on having one
+            self.probe = HFProbeModel(model, tokenizer, [""], max_length=self.max_length,
+                                      batch_size=self.batch_size, device=self.device)
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"id": batch["id"], "loss": self.probe.doc_losses(batch["text"].tolist())})
+
+
+class InfluenceStep(ProxyModelStep):
+    """Influence of every document on the reference (Quad Sec. 3.1) with
+    `quadlib.influence.scorer.InfluenceScorer`; each worker loads the proxy and the fitted
+    estimator (curvature + preconditioned reference direction, safetensors) once."""
+
+    def __init__(self, model_dir: str | Path, estimator_state: str | Path, *, estimator: str = "kfac_joint_qkv",
+                 preset: str = "default", max_length: int = 128, batch_size: int = 16, device: str | None = None,
+                 corpus_step: str = "corpus", name: str = "influence-scores",
+                 resources: Resources = Resources()) -> None:
+        super().__init__(model_dir, max_length=max_length, batch_size=batch_size, device=device,
+                         corpus_step=corpus_step, name=name, resources=resources)
+        self.estimator_state, self.estimator, self.preset = str(estimator_state), estimator, preset
+        self.scorer: Any = None
+
+    def params(self, store: RunStore) -> dict[str, Any]:
+        state = hashlib.sha256(Path(self.estimator_state).read_bytes()).hexdigest()
+        return self.proxy_params(store) | {"estimator": self.estimator, "preset": self.preset, "state_sha256": state}
+
+    def setup(self) -> None:
+        from quadlib.influence.estimators import PRESETS, make_estimator
+        from quadlib.influence.scorer import InfluenceScorer
+
+        if self.scorer is None:
+            model, tokenizer = self.load_proxy()
+            estimator = make_estimator(self.estimator, PRESETS[self.preset])
+            self.scorer = InfluenceScorer(model, tokenizer, estimator, max_length=self.max_length,
+                                          batch_size=self.batch_size, device=self.device)
+            estimator.load(model, self.estimator_state)
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"id": batch["id"], "score": self.scorer.score_texts(batch["text"].tolist())})
 
 
 class DsirFeatureStep(ShardStep):
@@ -136,3 +252,9 @@ class DsirFeatureStep(ShardStep):
             buckets.append(nonzero.astype(np.int32))
             counts.append(dense[nonzero].astype(np.int32))
         return pd.DataFrame({"id": batch["id"], "buckets": buckets, "counts": counts})
+
+
+STEPS: dict[str, type[ShardStep]] = {
+    "embed": EmbedStep, "assign": AssignStep, "dsir": DsirFeatureStep, "perplexity": PerplexityStep,
+    "influence": InfluenceStep, "mates": MatesPredictStep,
+}
