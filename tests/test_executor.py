@@ -200,3 +200,14 @@ def test_proxy_steps_equal_the_influence_scorer_and_the_probe(corpus: RunStore, 
     np.testing.assert_allclose(read_step_output(corpus, influence)["score"], expected_scores, rtol=1e-4, atol=1e-6)
     probe = HFProbeModel(model, tokenizer, ["unused"], max_length=32, batch_size=8, device="cpu")
     np.testing.assert_allclose(read_step_output(corpus, perplexity)["loss"], probe.doc_losses(texts), rtol=1e-5)
+
+
+def test_scaleout_command_embeds_fits_cluster_corpus_centroids_and_assigns(corpus: RunStore) -> None:
+    from quadlib.cluster import ClusterSettings, cluster_corpus, load_assignments, load_centroids
+    from quadlib.execution.scaleout import main
+
+    main(["--run", str(corpus.root), "--steps", "embed", "assign", "--k", "3", "--executor", "local"])
+    cluster_corpus(corpus, ClusterSettings(k=3))  # the single-machine step on the same embeddings
+    assert np.array_equal(np.load(corpus.root / "cluster-centroids" / "centroids.npy"), load_centroids(corpus))
+    ours = read_step_output(corpus, AssignStep(load_centroids(corpus)))
+    assert ours["cluster"].tolist() == load_assignments(corpus)["cluster"].tolist()

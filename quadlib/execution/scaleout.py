@@ -1,0 +1,128 @@
+"""The per-shard part of the pipeline on one executor: embed -> centroids -> assign -> scores.
+
+    python -m quadlib.execution.scaleout --run runs/big --executor ray --ray-address auto \\
+        --steps embed assign dsir influence --proxy runs/big/proxy/model \\
+        --estimator-state runs/big/influence/<estimator>/estimator.safetensors
+
+The corpus must be ingested first (`quadlib.corpus.ingest`, one shard per unit of parallel work).
+Centroids are fitted on the driver on a seeded sample of the embeddings (the sample
+`quadlib.cluster.cluster_corpus` draws, so the centroids are the same) and broadcast to the assign
+workers; at 600M documents the driver never holds more than that sample. Every step resumes from its
+finished shards, with either executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from quadlib.cluster import ClusterSettings, fit_centroids
+from quadlib.embed import EmbedSettings
+from quadlib.execution.executors import ExecutorSettings, StepRun, make_executor
+from quadlib.execution.ray_cluster import RaySettings
+from quadlib.execution.step import ShardStep
+from quadlib.execution.steps import AssignStep, DsirFeatureStep, EmbedStep, InfluenceStep, PerplexityStep
+from quadlib.runstore import RunStore, atomic_path
+from quadlib.settings import setting
+
+SCALEOUT_STEPS = ("embed", "assign", "dsir", "perplexity", "influence")
+CENTROIDS_STEP = "cluster-centroids"
+
+
+@dataclass
+class ScaleOutSettings:
+    steps: list[str] = setting(["embed", "assign"], f"per-shard steps to run, in pipeline order; from {SCALEOUT_STEPS}")
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings,
+                                       metadata={"help": "local or ray, and the Ray cluster"})
+    embed: EmbedSettings = field(default_factory=EmbedSettings, metadata={"help": "embedding model and length cap"})
+    cluster: ClusterSettings = field(default_factory=ClusterSettings,
+                                     metadata={"help": "k, algorithm, fit sample size and seed of the centroids"})
+    proxy_dir: str | None = setting(None, "saved proxy (`<run>/proxy/model`) for the perplexity and influence steps")
+    estimator_state: str | None = setting(None, "fitted estimator (safetensors written by quadlib.pipeline.prepare_scorer)")
+    estimator: str = setting("kfac_joint_qkv", "the estimator that wrote estimator_state")
+    max_length: int = setting(128, "tokens per document for the proxy steps")
+
+
+def fit_pool_centroids(store: RunStore, settings: ClusterSettings, embed_step: str = "embed") -> np.ndarray:
+    """Centroids `[k, d]` fitted on `cluster_corpus`'s seeded sample; stored once, reused on reruns."""
+    from quadlib.cluster import _gather_rows, _sample_indices  # the same sample as cluster_corpus
+    from quadlib.embed import embedding_shards
+
+    path = store.step_dir(CENTROIDS_STEP) / "centroids.npy"
+    if store.begin(CENTROIDS_STEP, {"cluster": settings, "embed_step": embed_step}, seed=settings.seed):
+        return np.load(path)
+    shards = embedding_shards(store, embed_step)
+    n_total = sum(len(shard.ids) for shard in shards)
+    sample = _gather_rows(shards, _sample_indices(n_total, min(settings.sample_size, n_total), settings.seed))
+    centroids = fit_centroids(sample, settings)  # [k, d]
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, centroids)
+    store.mark_done(CENTROIDS_STEP, info={"train_size": len(sample)})
+    return centroids
+
+
+def _build_step(name: str, store: RunStore, settings: ScaleOutSettings) -> ShardStep:
+    if name == "embed":
+        return EmbedStep(settings.embed)
+    if name == "assign":
+        return AssignStep(fit_pool_centroids(store, settings.cluster), spherical=settings.cluster.spherical,
+                          chunk_size=settings.cluster.chunk_size, device=settings.cluster.device)
+    if name == "dsir":
+        return DsirFeatureStep()
+    if settings.proxy_dir is None:
+        raise ValueError(f"step {name!r} needs the proxy model: set proxy_dir (--proxy <run>/proxy/model)")
+    if name == "perplexity":
+        return PerplexityStep(settings.proxy_dir, max_length=settings.max_length)
+    if name == "influence":
+        if settings.estimator_state is None:
+            raise ValueError("the influence step needs estimator_state (--estimator-state .../estimator.safetensors)")
+        return InfluenceStep(settings.proxy_dir, settings.estimator_state, estimator=settings.estimator,
+                             max_length=settings.max_length)
+    raise ValueError(f"unknown scale-out step {name!r}; known: {SCALEOUT_STEPS}")
+
+
+def run_scaleout(store: RunStore, settings: ScaleOutSettings) -> dict[str, StepRun]:
+    """Run the configured per-shard steps in order on the configured executor; returns each step's run."""
+    unknown = [s for s in settings.steps if s not in SCALEOUT_STEPS]
+    if unknown:
+        raise ValueError(f"unknown scale-out step(s) {unknown}; known: {SCALEOUT_STEPS}")
+    executor = make_executor(settings.executor)
+    return {name: executor.run(_build_step(name, store, settings), store) for name in settings.steps}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scale-out options, for `quad` subcommands and this module's own entry point."""
+    parser.add_argument("--run", required=True, help="run folder holding an ingested corpus/")
+    parser.add_argument("--steps", nargs="+", default=["embed", "assign"], choices=SCALEOUT_STEPS)
+    parser.add_argument("--executor", default="local", choices=("local", "ray"))
+    parser.add_argument("--ray-address", default=None, help="'auto' or host:port of a running Ray cluster; "
+                        "none starts a local Ray")
+    parser.add_argument("--workers", type=int, default=None, help="workers per step (default: what resources allow)")
+    parser.add_argument("--k", type=int, default=ClusterSettings.k, help="clusters")
+    parser.add_argument("--embed-model", default=EmbedSettings.model)
+    parser.add_argument("--proxy", default=None, help="saved proxy folder (perplexity, influence)")
+    parser.add_argument("--estimator-state", default=None, help="fitted estimator safetensors (influence)")
+    parser.add_argument("--estimator", default="kfac_joint_qkv")
+
+
+def settings_from_args(args: argparse.Namespace) -> ScaleOutSettings:
+    ray = RaySettings(address=args.ray_address, num_workers=args.workers)
+    return ScaleOutSettings(steps=args.steps, executor=ExecutorSettings(executor=args.executor, ray=ray),
+                            embed=EmbedSettings(model=args.embed_model), cluster=ClusterSettings(k=args.k),
+                            proxy_dir=args.proxy, estimator_state=args.estimator_state, estimator=args.estimator)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m quadlib.execution.scaleout", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    for name, run in run_scaleout(RunStore(Path(args.run)), settings_from_args(args)).items():
+        print(f"{name}: {len(run.processed)} shards processed ({run.rows} documents), {run.skipped} already done")
+
+
+if __name__ == "__main__":
+    main()
