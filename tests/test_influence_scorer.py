@@ -1,0 +1,78 @@
+"""Text-level scorer, score cache, and the peer cross-check against Kronfluence's K-FAC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quadlib.influence.cache import ScoreCache
+from quadlib.influence.estimators import make_estimator
+from quadlib.influence.peers import conv1d_to_linear, kronfluence_scores
+from quadlib.influence.scorer import InfluenceScorer, collate
+from quadlib.influence.toy import random_batch, tiny_gpt2, tiny_llama
+
+TEXTS = ["the cat sat on the mat", "a b c d e f g h i j k", "influence", "", "dogs bark at night, cats sleep"]
+REFERENCE = ["the dog sat on the log", "cats and dogs"]
+
+
+def byte_encoder(text: str) -> list[int]:
+    return [2 + (b % 60) for b in text.encode()]
+
+
+def _scorer(estimator: str = "kfac_joint_qkv") -> InfluenceScorer:
+    scorer = InfluenceScorer(tiny_llama(), byte_encoder, estimator, max_length=24, batch_size=2, device="cpu")
+    scorer.fit_texts(TEXTS + REFERENCE)
+    scorer.set_reference_texts(REFERENCE)
+    return scorer
+
+
+def test_score_texts_matches_estimator_in_input_order() -> None:
+    scorer = _scorer()
+    scores = scorer.score_texts(TEXTS)
+    direct = [scorer.estimator.score(scorer.model, collate([scorer.tokenize(t)], 0, torch.device("cpu"))).item()
+              for t in TEXTS]
+    np.testing.assert_allclose(scores, direct, rtol=1e-8, atol=1e-12)
+    assert scores[3] == 0.0, "an empty document predicts no token and has no influence"
+    assert scorer.cost.documents_scored == len(TEXTS) and scorer.cost.backward_passes > 0
+    assert scorer.cost.flops == pytest.approx(6 * scorer.n_params * scorer.cost.tokens)
+
+
+def test_per_layer_frame_sums_to_totals() -> None:
+    scorer = _scorer()
+    frame = scorer.score_texts(TEXTS, ids=[f"d{i}" for i in range(len(TEXTS))], per_layer=True)
+    assert set(frame["group"]) == {"mlp", "attn_qkv_joint", "attn_out"}
+    totals = frame.groupby("doc")["score"].sum().reindex([f"d{i}" for i in range(len(TEXTS))]).to_numpy()
+    np.testing.assert_allclose(totals, scorer.score_texts(TEXTS), rtol=1e-9, atol=1e-12)
+
+
+def test_cache_recomputes_nothing_already_scored(tmp_path) -> None:
+    scorer = _scorer("cosine")
+    ids = [f"doc-{i}" for i in range(len(TEXTS))]
+    first = scorer.score_texts(TEXTS[:3], ids=ids[:3], cache=ScoreCache(tmp_path / "scores.parquet"))
+    scored = scorer.cost.documents_scored
+    cache = ScoreCache(tmp_path / "scores.parquet")  # reopened from disk
+    assert len(cache) == 3
+    second = scorer.score_texts(TEXTS, ids=ids, cache=cache)
+    assert scorer.cost.documents_scored == scored + 2
+    np.testing.assert_array_equal(second[:3], first)
+    np.testing.assert_allclose(second, scorer.score_texts(TEXTS), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="ids"):
+        scorer.score_texts(TEXTS, cache=cache)
+
+
+@pytest.mark.parametrize(("layout", "estimator"), [("llama", "kfac_attn_indep"), ("gpt2", "kfac_joint_qkv")])
+def test_kronfluence_kfac_agrees_with_ours(layout: str, estimator: str) -> None:
+    """Peer cross-check with Kronfluence's heuristic damping, one K-FAC block per module it tracks:
+    Llama's separate q/k/v = our independent layers; GPT-2's fused c_attn = our joint QKV layer."""
+    model = tiny_llama() if layout == "llama" else tiny_gpt2()
+    fit = [random_batch(4, 10, 64, seed=s) for s in range(3)]
+    reference, documents = [random_batch(3, 10, 64, seed=10)], [random_batch(6, 10, 64, seed=20)]
+    ours = make_estimator(estimator, "kronfluence_match")
+    ours.fit(model, fit)
+    ours.set_reference(model, reference)
+    our_scores = ours.score(model, documents[0]).numpy()
+    peer_model = conv1d_to_linear(model) if layout == "gpt2" else model
+    modules = sorted({part.module_name for layer in ours.layers for part in layer.parts})
+    peer = kronfluence_scores(peer_model, modules, fit, reference, documents, damping=None)
+    assert np.corrcoef(our_scores, peer.scores)[0, 1] >= 0.99
