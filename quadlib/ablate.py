@@ -58,7 +58,7 @@ class Grid:
 
 GRIDS: dict[str, Grid] = {
     "alpha": Grid({"ALPHA": [0.0, 0.0005, 0.001, 0.002, 0.004, 0.008]}, "alpha figure",
-                  "UCB exploration weight alpha of the cluster score (Eq. 4); paper default 0.002"),
+                  "UCB exploration weight alpha of CS_i = mean_i + alpha sqrt(2 ln sum_j T_j / T_i); paper default 0.002"),
     "tau": Grid({"TAU": [0.0, 0.001, 0.0025, 0.005, 0.01]}, "tau figure",
                 "influence threshold tau a sampled document must exceed to be kept; paper default 0.0025"),
     "n_clusters": Grid({"N_CLUSTERS": [8, 16, 32, 64]}, "Fig. 5d", "number of clusters (arms of the bandit)"),

@@ -5,8 +5,9 @@ predicted token, in nats, each document framed `[bos] text [eos]`. A document lo
 model's context is cut into windows of `max_length` tokens overlapping by one, so every token after
 the first is predicted exactly once.
 
-The reference loss is the quantity Quad's influence targets (Eq. 1: the loss on the reference set
-after training on the selection); the held-out domains are documents never offered for selection.
+The reference loss is the quantity Quad's influence scores estimate the change of (the loss on the
+reference set after training on the selection); held-out domains are documents never offered for
+selection.
 """
 
 from __future__ import annotations
