@@ -49,7 +49,10 @@ def encoder_for(tokenizer: PreTrainedTokenizerBase | TextEncoder | object) -> Te
         return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     encode = getattr(tokenizer, "encode", None)
     if encode is not None:
-        return lambda text: getattr(encode(text), "ids", None) or list(encode(text))
+        def encode_ids(text: str) -> list[int]:
+            encoded = encode(text)  # a list of ids, or a tokenizers.Encoding with .ids
+            return list(getattr(encoded, "ids", encoded))
+        return encode_ids
     if callable(tokenizer):
         return lambda text: list(tokenizer(text))
     raise TypeError(f"cannot tokenise with {type(tokenizer).__name__}: pass an HF tokenizer or a callable")
