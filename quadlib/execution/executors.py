@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,25 @@ class StepRun:
     step: str
     processed: list[ShardResult]
     skipped: int
+    workers: int = 0  # workers that ran the pending shards (0 when nothing was pending)
 
     @property
     def rows(self) -> int:
         return sum(r.rows for r in self.processed)
+
+    def throughput(self) -> float:
+        """Documents per second over the processing window (first shard start to last shard end)."""
+        if not self.processed:
+            return 0.0
+        start = min(r.finished_at - r.seconds for r in self.processed)
+        return self.rows / max(max(r.finished_at for r in self.processed) - start, 1e-9)
+
+    def busy_throughput(self) -> float:
+        """Documents per second of busy workers: rows / (summed shard seconds / workers). Unlike
+        `throughput`, it leaves out workers idling while others still start, so it measures how
+        much each worker slows down when they share the machine."""
+        busy = sum(r.seconds for r in self.processed)
+        return self.rows * self.workers / busy if busy > 0 else 0.0
 
 
 class Executor(ABC):
@@ -43,29 +58,28 @@ class Executor(ABC):
         if store.begin(step.name, step.params(store), recompute=recompute):
             return StepRun(step.name, [], len(shards))
         pending = [shard for shard in shards if not shard_is_done(step, store, shard, input_ids(shard))]
-        processed = self.run_pending(step, store, pending) if pending else []
+        processed, workers = self.run_pending(step, store, pending) if pending else ([], 0)
         store.mark_done(step.name, info={"shards": len(shards)})
-        return StepRun(step.name, processed, len(shards) - len(pending))
+        return StepRun(step.name, processed, len(shards) - len(pending), workers)
 
     @abstractmethod
-    def run_pending(self, step: ShardStep, store: RunStore, shards: list[Path]) -> list[ShardResult]:
-        """Process `shards` (none finished yet); return one result per shard."""
+    def run_pending(self, step: ShardStep, store: RunStore, shards: list[Path]) -> tuple[list[ShardResult], int]:
+        """Process `shards` (none finished yet); return one result per shard and the worker count."""
 
 
 class LocalExecutor(Executor):
     """In-process, one shard after another; the default (no Ray needed)."""
 
-    def run_pending(self, step: ShardStep, store: RunStore, shards: list[Path]) -> list[ShardResult]:
+    def run_pending(self, step: ShardStep, store: RunStore, shards: list[Path]) -> tuple[list[ShardResult], int]:
         step.setup()
-        return [run_shard(step, store, shard) for shard in tqdm(shards, desc=step.name, unit="shard")]
+        return [run_shard(step, store, shard) for shard in tqdm(shards, desc=step.name, unit="shard")], 1
 
 
 def _run_shard_rows(step: ShardStep, root: str, batch: pd.DataFrame) -> pd.DataFrame:
     """Ray Data UDF body: the rows of `batch` name input shards; each is processed and written."""
     store = RunStore(root)
     results = [run_shard(step, store, Path(path)) for path in batch["shard"]]
-    return pd.DataFrame({"shard": [r.shard for r in results], "rows": [r.rows for r in results],
-                         "seconds": [r.seconds for r in results]})
+    return pd.DataFrame([asdict(r) for r in results])
 
 
 class _ShardActor:
@@ -99,7 +113,7 @@ class RayExecutor(Executor):
     def __init__(self, settings: RaySettings | None = None) -> None:
         self.settings = settings or RaySettings()
 
-    def run_pending(self, step: ShardStep, store: RunStore, shards: list[Path]) -> list[ShardResult]:
+    def run_pending(self, step: ShardStep, store: RunStore, shards: list[Path]) -> tuple[list[ShardResult], int]:
         import ray.data
 
         connect_ray(self.settings, store.root)
@@ -121,9 +135,10 @@ class RayExecutor(Executor):
         results = []
         with tqdm(total=len(shards), desc=f"{step.name} (ray x{workers})", unit="shard") as progress:
             for row in mapped.iter_rows():
-                results.append(ShardResult(str(row["shard"]), int(row["rows"]), float(row["seconds"])))
+                results.append(ShardResult(str(row["shard"]), int(row["rows"]), float(row["seconds"]),
+                                           float(row["finished_at"])))
                 progress.update(1)
-        return sorted(results, key=lambda r: r.shard)
+        return sorted(results, key=lambda r: r.shard), workers
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from time import perf_counter
+from time import perf_counter, time
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from quadlib.embed import ids_digest
 from quadlib.runstore import RunStore, atomic_path
 
 
@@ -95,7 +96,8 @@ class ShardStep(ABC):
 
     Subclasses set `name` (the output step folder) and implement `params` and `process`. A step
     that holds a model sets `holds_model = True`, loads it in `setup` (never in `__init__`: the
-    step object travels to the workers before setup) and gets an actor pool on Ray.
+    step object travels to the workers before setup) into the attributes named in `worker_state`,
+    which are left out when the step is pickled, and gets an actor pool on Ray.
     """
 
     name: str
@@ -105,6 +107,11 @@ class ShardStep(ABC):
     holds_model: bool = False
     resources: Resources = Resources()
     batch_size: int = 256
+    worker_state: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The step without what `setup` loaded: a model never travels to the workers."""
+        return {k: (None if k in self.worker_state else v) for k, v in self.__dict__.items()}
 
     @abstractmethod
     def params(self, store: RunStore) -> dict[str, Any]:
@@ -144,17 +151,13 @@ class ShardStep(ABC):
 # -- one shard ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ShardResult:
+    """One processed shard: its size, its processing time and when it finished (epoch seconds),
+    so throughput can be measured over the processing window, without worker start-up."""
+
     shard: str
     rows: int
     seconds: float
-
-
-def ids_fingerprint(ids: list[str]) -> str:
-    """`quadlib.embed.ids_digest`, imported on first use: workers of steps without a model then
-    start without importing torch (a few seconds per worker process)."""
-    from quadlib.embed import ids_digest
-
-    return ids_digest(ids)
+    finished_at: float
 
 
 def input_ids(shard: Path) -> list[str]:
@@ -166,7 +169,7 @@ def shard_is_done(step: ShardStep, store: RunStore, shard: Path, ids: list[str] 
     if not (store.is_done(step.name, shard.stem) and step.output_path(store, shard).exists()):
         return False
     ids = input_ids(shard) if ids is None else ids
-    return store.done_info(step.name, shard.stem).get("ids_sha256") == ids_fingerprint(ids)
+    return store.done_info(step.name, shard.stem).get("ids_sha256") == ids_digest(ids)
 
 
 def run_shard(step: ShardStep, store: RunStore, shard: Path) -> ShardResult:
@@ -189,8 +192,8 @@ def run_shard(step: ShardStep, store: RunStore, shard: Path) -> ShardResult:
     path = step.output_path(store, shard)
     with atomic_path(path) as tmp:
         facts = step.format.write(out, tmp)
-    store.mark_done(step.name, shard.stem, {"rows": len(ids), "ids_sha256": ids_fingerprint(ids), **facts})
-    return ShardResult(shard.stem, len(ids), perf_counter() - start)
+    store.mark_done(step.name, shard.stem, {"rows": len(ids), "ids_sha256": ids_digest(ids), **facts})
+    return ShardResult(shard.stem, len(ids), perf_counter() - start, time())
 
 
 def read_step_output(store: RunStore, step: ShardStep) -> pd.DataFrame:

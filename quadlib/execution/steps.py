@@ -36,6 +36,7 @@ class EmbedStep(ShardStep):
 
     holds_model = True
     output_format = "npy"
+    worker_state = ("embedder",)
 
     def __init__(self, settings: EmbedSettings | None = None, *, corpus_step: str = "corpus", name: str = "embed",
                  resources: Resources = Resources()) -> None:
@@ -95,6 +96,7 @@ class AssignStep(EmbeddingShardStep):
     """
 
     holds_model = True
+    worker_state = ("assigner",)
 
     def __init__(self, centroids: np.ndarray, *, spherical: bool = True, chunk_size: int = 65_536,
                  device: str | None = None, embed_step: str = "embed", corpus_step: str = "corpus",
@@ -168,6 +170,8 @@ class PerplexityStep(ProxyModelStep):
     """Mean token loss of every document under the proxy (the PPL baseline's score), through
     `quadlib.selection.probes.HFProbeModel.doc_losses`."""
 
+    worker_state = ("probe",)
+
     def __init__(self, model_dir: str | Path, *, max_length: int = 256, batch_size: int = 16,
                  device: str | None = None, corpus_step: str = "corpus", name: str = "perplexity",
                  resources: Resources = Resources()) -> None:
@@ -195,6 +199,8 @@ class InfluenceStep(ProxyModelStep):
     """Influence of every document on the reference (Quad Sec. 3.1) with
     `quadlib.influence.scorer.InfluenceScorer`; each worker loads the proxy and the fitted
     estimator (curvature + preconditioned reference direction, safetensors) once."""
+
+    worker_state = ("scorer",)
 
     def __init__(self, model_dir: str | Path, estimator_state: str | Path, *, estimator: str = "kfac_joint_qkv",
                  preset: str = "default", max_length: int = 128, batch_size: int = 16, device: str | None = None,
@@ -231,23 +237,29 @@ class DsirFeatureStep(ShardStep):
     importance weights are a dot product of these counts with log(p_target / p_raw).
     """
 
+    worker_state = ("count_ngrams",)
+
     def __init__(self, *, ngrams: int = 2, num_buckets: int = 10_000, corpus_step: str = "corpus",
                  name: str = "dsir-features", resources: Resources = Resources()) -> None:
         if ngrams < 1 or num_buckets < 1:
             raise ValueError(f"ngrams and num_buckets must be >= 1, got {ngrams}, {num_buckets}")
         self.ngrams, self.num_buckets = ngrams, num_buckets
         self.input_step, self.name, self.resources = corpus_step, name, resources
+        self.count_ngrams: Any = None  # data_selection's get_ngram_counts (nltk), imported by setup()
+
+    def setup(self) -> None:
+        from data_selection.hashed_ngram_dsir import get_ngram_counts
+
+        self.count_ngrams = get_ngram_counts
 
     def params(self, store: RunStore) -> dict[str, Any]:
         return {"ngrams": self.ngrams, "num_buckets": self.num_buckets, "tokenizer": "wordpunct",
                 "corpus_params": upstream_params(store, self.input_step)}
 
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from data_selection.hashed_ngram_dsir import get_ngram_counts
-
         buckets, counts = [], []
         for text in batch["text"]:
-            dense = get_ngram_counts(text, n=self.ngrams, num_buckets=self.num_buckets)  # [num_buckets]
+            dense = self.count_ngrams(text, n=self.ngrams, num_buckets=self.num_buckets)  # [num_buckets]
             nonzero = np.flatnonzero(dense)
             buckets.append(nonzero.astype(np.int32))
             counts.append(dense[nonzero].astype(np.int32))
