@@ -1,6 +1,6 @@
 """Hooks that hand every tracked layer its inputs x [B, T, in] and output gradients delta [B, T, out].
 
-A layer's gradient for document b is M_b = sum_t delta_{b,t} x_{b,t}^T (Quad Eq. 3 per layer), so
+A layer's gradient for document b is M_b = sum_t delta_{b,t} x_{b,t}^T (the per-layer gradient in Quad's influence formula), so
 x and delta are all that K-FAC fitting, reference gradients and scoring need: no parameter `.grad`
 is ever formed. Passes therefore run with the weights frozen and only the embedding output
 requiring grad (`input_gradients_only`): the backward then computes activation gradients only,

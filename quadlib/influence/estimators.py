@@ -1,6 +1,6 @@
 """Influence estimators behind one interface: fit(curvature) -> set_reference -> score.
 
-Sign convention (Quad Eq. 2-3): score(z) = grad L(theta, D_ref)^T (H + lambda I)^-1 grad L(theta, z),
+Sign convention (Quad's influence formula): score(z) = grad L(theta, D_ref)^T (H + lambda I)^-1 grad L(theta, z),
 i.e. minus the paper's I(z) read as "change in reference loss". A HIGHER score means training on z
 is expected to REDUCE the reference loss more; the bandit keeps high scores and its threshold tau
 is in these units (losses are mean cross-entropy per token in nats, see loss.py).

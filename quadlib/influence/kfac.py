@@ -8,7 +8,7 @@ EK-FAC keeps the Kronecker eigenbasis and refits the diagonal there:
 Lambda = (1/N) sum_docs (Q_G^T M_doc Q_A)^2 (George et al. 2018; Grosse et al. 2023).
 
 The damped inverse (H + lambda I)^-1 is applied exactly through the eigendecompositions
-(Quad Eq. 5 with a Kronecker H): V = Q_G [(Q_G^T M Q_A) / (Lambda + lambda)] Q_A^T. The authors'
+(the inverse in Quad's influence formula, with a Kronecker H): V = Q_G [(Q_G^T M Q_A) / (Lambda + lambda)] Q_A^T. The authors'
 released code multiplies by (Lambda + lambda) here; dividing is the inverse.
 """
 

@@ -3,7 +3,7 @@
 A *tracked layer* is one weight matrix W [out, in] (plus its bias as an extra input column) whose
 K-FAC block is estimated: the Quad paper approximates the Hessian block-diagonally over the MLP
 linears and the attention projections, with Q, K and V as ONE joint layer (their outputs
-concatenated, their shared input x once) and the output projection separately (Quad, Sec. 3.2).
+concatenated, their shared input x once) and the output projection separately (Quad, method section).
 A layer may be assembled from several modules (Llama's separate q/k/v) or be a slice of one
 module's outputs (GPT-2's fused c_attn split into Q, K, V for the "independent" variant).
 
