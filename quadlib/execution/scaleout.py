@@ -2,7 +2,7 @@
 
     python -m quadlib.execution.scaleout --run runs/big --executor ray --ray-address auto \\
         --steps embed assign dsir influence --proxy runs/big/proxy/model \\
-        --estimator-state runs/big/influence/<estimator>/estimator.safetensors
+        --estimator-state runs/big/influence/<estimator>-<id>/estimator.safetensors
 
 The corpus must be ingested first (`quadlib.corpus.ingest`, one shard per unit of parallel work).
 Centroids are fitted on the driver on a seeded sample of the embeddings (the sample
