@@ -24,7 +24,7 @@ from quadlib.corpus import read_corpus
 from quadlib.embed import load_embeddings
 from quadlib.influence.estimators import PRESETS, make_estimator
 from quadlib.influence.scorer import InfluenceScorer
-from quadlib.proxy import TrainSettings, warmup_proxy
+from quadlib.proxy import TrainSettings, build_model, load_tokenizer, warmup_proxy
 from quadlib.runstore import RunStore, to_jsonable
 from quadlib.selection import CachingScorer, SelectionContext, export_selection, make_selector, read_selection
 from quadlib.selection.probes import HFProbeModel
@@ -71,6 +71,29 @@ def prepare_proxy(store: RunStore, settings: ProxySettings) -> tuple[PreTrainedM
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_proxy(store: RunStore, step: str = "proxy") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The warmed-up proxy that `prepare_proxy` (notebook 02) left in the run folder."""
+    folder = store.root / step / "model"
+    if not store.is_done(step):
+        raise FileNotFoundError(f"{folder}: no warmed-up proxy; run notebook 02_score (prepare_proxy) first")
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return build_model(str(folder), tokenizer=tokenizer).eval(), tokenizer
+
+
+def load_scorer(store: RunStore, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                estimator: str) -> tuple[InfluenceScorer, CachingScorer]:
+    """The scorer that notebook 02 fitted for `estimator` (its settings are read from the run)."""
+    fitted = sorted((p for p in (store.root / INFLUENCE_STEP).glob(f"{estimator}-*") if (p / "config.json").exists()),
+                    key=lambda p: p.stat().st_mtime)
+    if not fitted:
+        raise FileNotFoundError(f"{store.root / INFLUENCE_STEP}: no fitted {estimator!r} scorer; run 02_score with "
+                                f"ESTIMATOR={estimator!r} first")
+    params = json.loads((fitted[-1] / "config.json").read_text(encoding="utf-8"))["params"]["score"]
+    return prepare_scorer(store, model, tokenizer, ScoreSettings(**params))
 
 
 def _identity(payload: dict[str, Any]) -> str:

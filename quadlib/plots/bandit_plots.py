@@ -80,7 +80,13 @@ def quality_diversity_figure(points: pd.DataFrame, label: str | None = None) -> 
     _require(points, ("mean_influence", "entropy", "clusters_covered"), "quality_diversity_figure")
     params = [c for c in points.columns if c not in ("mean_influence", "entropy", "clusters_covered", "n_docs",
                                                       "tokens_selected", "stop_reason")]
-    text = points[label].astype(str) if label else points[params].astype(str).agg(", ".join, axis=1) if params else None
+    if label:
+        text = points[label].map(str)
+    elif params:  # "alpha=0.02" or "k=4": only the parameters a row actually sets
+        text = points[params].apply(lambda row: ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in row.dropna().items()), axis=1)
+    else:
+        text = None
     covered = points["clusters_covered"].to_numpy(dtype=np.float64)
     sizes = 8 + 22 * covered / max(covered.max(), 1.0)
     fig = go.Figure(go.Scatter(
