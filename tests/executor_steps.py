@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +20,10 @@ import pandas as pd
 
 from quadlib.corpus import CorpusSettings, ingest
 from quadlib.execution.steps import DsirFeatureStep
+from quadlib.execution.step import ShardStep, read_step_output
 from quadlib.runstore import RunStore
+
+HERE = Path(__file__).resolve().parent
 
 TOPICS = ("the harbour at night", "neutron stars and comets", "interest rates and markets",
           "a recipe for bread", "football results", "python functions", "rain over the hills")
@@ -68,6 +73,35 @@ def run_slow_step(root: str, executor: str, address: str | None) -> None:
 
     settings = ExecutorSettings(executor=executor, ray=RaySettings(address=address, num_workers=1))
     make_executor(settings).run(SlowStep(), RunStore(root))
+
+
+def done_shards(store: RunStore, step: str) -> int:
+    return len(list((store.root / step / "_done").glob("shard-*.json")))
+
+
+def run_killed_driver(store: RunStore, executor: str, address: str | None, at_least: int,
+                      timeout: float = 120.0) -> int:
+    """Start `SlowStep` in a driver subprocess, SIGKILL it once `at_least` shards are done; return that count."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    args = [sys.executable, str(HERE / "executor_steps.py"), str(store.root), executor] + ([address] if address else [])
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while done_shards(store, "dsir-slow") < at_least:
+            assert driver.poll() is None, f"the driver exited early with code {driver.returncode}"
+            assert time.monotonic() < deadline, "the driver made no progress"
+            time.sleep(0.05)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    return done_shards(store, "dsir-slow")
+
+
+def assert_exactly_once(store: RunStore, step: ShardStep) -> None:
+    out = read_step_output(store, step)
+    expected = pd.concat([pd.read_parquet(s, columns=["id"]) for s in store.shards("corpus")])["id"]
+    assert out["id"].is_unique and sorted(out["id"]) == sorted(expected)
+    assert store.is_done(step.name)
 
 
 def vowel_share_scorer() -> Callable[[list[str]], np.ndarray]:

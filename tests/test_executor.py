@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from executor_steps import SlowStep, make_corpus
+from executor_steps import SlowStep, assert_exactly_once, make_corpus, run_killed_driver
 
 from quadlib.cluster import assign
 from quadlib.embed import EmbedSettings, embed_corpus, embedding_path, load_embeddings
-from quadlib.execution import (ExecutorSettings, LocalExecutor, ShardStep, make_executor, read_step_output,
-                               shard_is_done)
+from quadlib.execution import ExecutorSettings, LocalExecutor, ShardStep, make_executor, read_step_output, shard_is_done
 from quadlib.execution.steps import (AssignStep, DsirFeatureStep, EmbedStep, InfluenceStep, MatesPredictStep,
                                      PerplexityStep)
 from quadlib.runstore import RunStore
-
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -121,35 +115,6 @@ def test_assign_step_matches_quadlib_cluster_assign(corpus: RunStore) -> None:
     np.testing.assert_allclose(out["distance"], distances, atol=1e-6)
 
 
-def _done_shards(store: RunStore, step: str) -> int:
-    return len(list((store.root / step / "_done").glob("shard-*.json")))
-
-
-def run_killed_driver(store: RunStore, executor: str, address: str | None, at_least: int,
-                      timeout: float = 120.0) -> int:
-    """Start `SlowStep` in a driver subprocess, SIGKILL it once `at_least` shards are done; return that count."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    args = [sys.executable, str(TESTS / "executor_steps.py"), str(store.root), executor] + ([address] if address else [])
-    driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    try:
-        while _done_shards(store, "dsir-slow") < at_least:
-            assert driver.poll() is None, f"the driver exited early with code {driver.returncode}"
-            assert time.monotonic() < deadline, "the driver made no progress"
-            time.sleep(0.05)
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    return _done_shards(store, "dsir-slow")
-
-
-def assert_exactly_once(store: RunStore, step: ShardStep) -> None:
-    out = read_step_output(store, step)
-    expected = pd.concat([pd.read_parquet(s, columns=["id"]) for s in store.shards("corpus")])["id"]
-    assert out["id"].is_unique and sorted(out["id"]) == sorted(expected)
-    assert store.is_done(step.name)
-
-
 def test_a_killed_driver_resumes_from_finished_shards(store: RunStore, tmp_path: Path) -> None:
     make_corpus(store, tmp_path, n_docs=32, shard_size=4)
     done = run_killed_driver(store, "local", None, at_least=2)
@@ -211,3 +176,9 @@ def test_scaleout_command_embeds_fits_cluster_corpus_centroids_and_assigns(corpu
     assert np.array_equal(np.load(corpus.root / "cluster-centroids" / "centroids.npy"), load_centroids(corpus))
     ours = read_step_output(corpus, AssignStep(load_centroids(corpus)))
     assert ours["cluster"].tolist() == load_assignments(corpus)["cluster"].tolist()
+
+
+def test_the_local_executor_never_imports_ray() -> None:
+    code = ("import sys, quadlib.execution, quadlib.execution.steps, quadlib.execution.scaleout; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "importing the executors imported ray"

@@ -15,8 +15,8 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is not installed: `make test` installs ray[data] from pyproject.toml")
 
 import executor_steps  # noqa: E402
-from executor_steps import CrashOnceStep, SlowStep, make_corpus, vowel_share_scorer  # noqa: E402
-from test_executor import assert_exactly_once, run_killed_driver  # noqa: E402
+from executor_steps import (CrashOnceStep, SlowStep, assert_exactly_once, make_corpus, run_killed_driver,  # noqa: E402
+                            vowel_share_scorer)
 
 from quadlib.cluster import ClusterSettings, fit_centroids  # noqa: E402
 from quadlib.corpus import read_corpus  # noqa: E402

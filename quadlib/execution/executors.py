@@ -7,6 +7,7 @@ same markers: a run started with one executor can be finished with the other.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -125,13 +126,18 @@ class RayExecutor(Executor):
                                     override_num_blocks=len(shards))
         common: dict[str, Any] = {"batch_size": 1, "batch_format": "pandas", "num_cpus": step.resources.num_cpus,
                                   "num_gpus": step.resources.num_gpus, "memory": step.resources.memory}
-        if step.holds_model:
-            mapped = items.map_batches(_ShardActor, fn_constructor_args=(step, root),
-                                       compute=ray.data.ActorPoolStrategy(size=workers),
-                                       max_restarts=retries, max_task_retries=retries, **common)
-        else:
-            mapped = items.map_batches(_run_shard_task, fn_kwargs={"step": step, "root": root},
-                                       compute=ray.data.TaskPoolStrategy(size=workers), max_retries=retries, **common)
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for retries yet and flags the remote-args route as
+            # deprecated; its default (unbounded actor restarts) would loop on a deterministic crash.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            if step.holds_model:
+                mapped = items.map_batches(_ShardActor, fn_constructor_args=(step, root),
+                                           compute=ray.data.ActorPoolStrategy(size=workers),
+                                           max_restarts=retries, max_task_retries=retries, **common)
+            else:
+                mapped = items.map_batches(_run_shard_task, fn_kwargs={"step": step, "root": root},
+                                           compute=ray.data.TaskPoolStrategy(size=workers), max_retries=retries,
+                                           **common)
         results = []
         with tqdm(total=len(shards), desc=f"{step.name} (ray x{workers})", unit="shard") as progress:
             for row in mapped.iter_rows():

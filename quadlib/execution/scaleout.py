@@ -14,6 +14,7 @@ finished shards, with either executor.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,13 +29,13 @@ from quadlib.execution.steps import AssignStep, DsirFeatureStep, EmbedStep, Infl
 from quadlib.runstore import RunStore, atomic_path
 from quadlib.settings import setting
 
-SCALEOUT_STEPS = ("embed", "assign", "dsir", "perplexity", "influence")
 CENTROIDS_STEP = "cluster-centroids"
 
 
 @dataclass
 class ScaleOutSettings:
-    steps: list[str] = setting(["embed", "assign"], f"per-shard steps to run, in pipeline order; from {SCALEOUT_STEPS}")
+    steps: list[str] = setting(["embed", "assign"], "per-shard steps to run, in pipeline order: keys of "
+                               "SCALEOUT_STEPS (embed, assign, dsir, perplexity, influence)")
     executor: ExecutorSettings = field(default_factory=ExecutorSettings,
                                        metadata={"help": "local or ray, and the Ray cluster"})
     embed: EmbedSettings = field(default_factory=EmbedSettings, metadata={"help": "embedding model and length cap"})
@@ -64,39 +65,45 @@ def fit_pool_centroids(store: RunStore, settings: ClusterSettings, embed_step: s
     return centroids
 
 
-def _build_step(name: str, store: RunStore, settings: ScaleOutSettings) -> ShardStep:
-    if name == "embed":
-        return EmbedStep(settings.embed)
-    if name == "assign":
-        return AssignStep(fit_pool_centroids(store, settings.cluster), spherical=settings.cluster.spherical,
-                          chunk_size=settings.cluster.chunk_size, device=settings.cluster.device)
-    if name == "dsir":
-        return DsirFeatureStep()
+def _proxy_dir(settings: ScaleOutSettings, step: str) -> str:
     if settings.proxy_dir is None:
-        raise ValueError(f"step {name!r} needs the proxy model: set proxy_dir (--proxy <run>/proxy/model)")
-    if name == "perplexity":
-        return PerplexityStep(settings.proxy_dir, max_length=settings.max_length)
-    if name == "influence":
-        if settings.estimator_state is None:
-            raise ValueError("the influence step needs estimator_state (--estimator-state .../estimator.safetensors)")
-        return InfluenceStep(settings.proxy_dir, settings.estimator_state, estimator=settings.estimator,
-                             max_length=settings.max_length)
-    raise ValueError(f"unknown scale-out step {name!r}; known: {SCALEOUT_STEPS}")
+        raise ValueError(f"step {step!r} needs the proxy model: set proxy_dir (--proxy <run>/proxy/model)")
+    return settings.proxy_dir
+
+
+def _influence_step(store: RunStore, settings: ScaleOutSettings) -> ShardStep:
+    if settings.estimator_state is None:
+        raise ValueError("the influence step needs estimator_state (--estimator-state .../estimator.safetensors)")
+    return InfluenceStep(_proxy_dir(settings, "influence"), settings.estimator_state, estimator=settings.estimator,
+                         max_length=settings.max_length)
+
+
+StepFactory = Callable[[RunStore, ScaleOutSettings], ShardStep]
+
+# A new per-shard step for the command line is one entry here.
+SCALEOUT_STEPS: dict[str, StepFactory] = {
+    "embed": lambda store, s: EmbedStep(s.embed),
+    "assign": lambda store, s: AssignStep(fit_pool_centroids(store, s.cluster), spherical=s.cluster.spherical,
+                                          chunk_size=s.cluster.chunk_size, device=s.cluster.device),
+    "dsir": lambda store, s: DsirFeatureStep(),
+    "perplexity": lambda store, s: PerplexityStep(_proxy_dir(s, "perplexity"), max_length=s.max_length),
+    "influence": _influence_step,
+}
 
 
 def run_scaleout(store: RunStore, settings: ScaleOutSettings) -> dict[str, StepRun]:
     """Run the configured per-shard steps in order on the configured executor; returns each step's run."""
     unknown = [s for s in settings.steps if s not in SCALEOUT_STEPS]
     if unknown:
-        raise ValueError(f"unknown scale-out step(s) {unknown}; known: {SCALEOUT_STEPS}")
+        raise ValueError(f"unknown scale-out step(s) {unknown}; known: {sorted(SCALEOUT_STEPS)}")
     executor = make_executor(settings.executor)
-    return {name: executor.run(_build_step(name, store, settings), store) for name in settings.steps}
+    return {name: executor.run(SCALEOUT_STEPS[name](store, settings), store) for name in settings.steps}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scale-out options, for `quad` subcommands and this module's own entry point."""
     parser.add_argument("--run", required=True, help="run folder holding an ingested corpus/")
-    parser.add_argument("--steps", nargs="+", default=["embed", "assign"], choices=SCALEOUT_STEPS)
+    parser.add_argument("--steps", nargs="+", default=["embed", "assign"], choices=list(SCALEOUT_STEPS))
     parser.add_argument("--executor", default="local", choices=("local", "ray"))
     parser.add_argument("--ray-address", default=None, help="'auto' or host:port of a running Ray cluster; "
                         "none starts a local Ray")

@@ -2,23 +2,22 @@
 
 Each adapter only moves rows in and out of the owning module's function (`quadlib.embed`,
 `quadlib.cluster`, DSIR's hashed n-gram features ...), so the local and Ray executors run exactly
-the code the notebooks run. `STEPS` names them for configs and the CLI.
+the code the notebooks run. Heavy, step-specific packages (faiss, the proxy, nltk) are imported
+by the step that needs them, in its worker.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
+from quadlib.embed import ENCODE_WINDOW_BATCHES, EmbedSettings, ShardEmbedder, embedding_path
 from quadlib.execution.step import Resources, ShardStep
 from quadlib.runstore import RunStore
-
-if TYPE_CHECKING:  # quadlib.embed imports torch: a worker imports it only for the steps that use it
-    from quadlib.embed import EmbedSettings, ShardEmbedder
 
 
 def upstream_params(store: RunStore, step: str) -> Any:
@@ -40,8 +39,6 @@ class EmbedStep(ShardStep):
 
     def __init__(self, settings: EmbedSettings | None = None, *, corpus_step: str = "corpus", name: str = "embed",
                  resources: Resources = Resources()) -> None:
-        from quadlib.embed import ENCODE_WINDOW_BATCHES, EmbedSettings
-
         self.settings = settings or EmbedSettings()
         self.input_step, self.name, self.resources = corpus_step, name, resources
         # the same texts per encode call as embed_corpus, so both pad and sort alike
@@ -54,8 +51,6 @@ class EmbedStep(ShardStep):
                 "corpus_params": upstream_params(store, self.input_step)}
 
     def setup(self) -> None:
-        from quadlib.embed import ShardEmbedder
-
         if self.embedder is None:
             self.embedder = ShardEmbedder(self.settings)
 
@@ -73,8 +68,6 @@ class EmbeddingShardStep(ShardStep):
     embed_step: str = "embed"
 
     def read_input(self, store: RunStore, shard: Path) -> pd.DataFrame:
-        from quadlib.embed import embedding_path
-
         frame = super().read_input(store, shard)
         path = embedding_path(store, shard, self.embed_step)
         vectors = np.load(path, mmap_mode="r")  # [n, d]
@@ -265,8 +258,3 @@ class DsirFeatureStep(ShardStep):
             counts.append(dense[nonzero].astype(np.int32))
         return pd.DataFrame({"id": batch["id"], "buckets": buckets, "counts": counts})
 
-
-STEPS: dict[str, type[ShardStep]] = {
-    "embed": EmbedStep, "assign": AssignStep, "dsir": DsirFeatureStep, "perplexity": PerplexityStep,
-    "influence": InfluenceStep, "mates": MatesPredictStep,
-}
