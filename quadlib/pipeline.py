@@ -86,14 +86,18 @@ def load_proxy(store: RunStore, step: str = "proxy") -> tuple[PreTrainedModel, P
 
 def load_scorer(store: RunStore, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 estimator: str) -> tuple[InfluenceScorer, CachingScorer]:
-    """The scorer that notebook 02 fitted for `estimator` (its settings are read from the run)."""
-    fitted = sorted((p for p in (store.root / INFLUENCE_STEP).glob(f"{estimator}-*") if (p / "config.json").exists()),
-                    key=lambda p: p.stat().st_mtime)
-    if not fitted:
-        raise FileNotFoundError(f"{store.root / INFLUENCE_STEP}: no fitted {estimator!r} scorer; run 02_score with "
-                                f"ESTIMATOR={estimator!r} first")
-    params = json.loads((fitted[-1] / "config.json").read_text(encoding="utf-8"))["params"]["score"]
-    return prepare_scorer(store, model, tokenizer, ScoreSettings(**params))
+    """The scorer that notebook 02 fitted for `estimator` (its settings are read from the run); one
+    not fitted yet is fitted with the settings of the last one that was."""
+    def fitted(pattern: str) -> list[Path]:
+        found = (p for p in (store.root / INFLUENCE_STEP).glob(pattern) if (p / "config.json").exists())
+        return sorted(found, key=lambda p: p.stat().st_mtime)
+
+    # Another estimator's settings (samples, damping, length) serve when this one was not fitted yet.
+    candidates = fitted(f"{estimator}-*") or fitted("*-*")
+    if not candidates:
+        raise FileNotFoundError(f"{store.root / INFLUENCE_STEP}: no fitted scorer; run 02_score first")
+    params = json.loads((candidates[-1] / "config.json").read_text(encoding="utf-8"))["params"]["score"]
+    return prepare_scorer(store, model, tokenizer, ScoreSettings(**(params | {"estimator": estimator})))
 
 
 def _identity(payload: dict[str, Any]) -> str:

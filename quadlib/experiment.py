@@ -1,0 +1,102 @@
+"""One ablation experiment (notebook 04): a clustering variant, a selection, training, evaluation.
+
+The base run (corpus, embeddings, warmed-up proxy, fitted scorers from notebooks 01-02) is shared;
+clusters of another k or algorithm are written as their own step of the base run, the influence
+score cache is shared (scores are keyed by document id, so every experiment reuses what another
+scored), and the selection and its result go to the experiment's own folder. Training and
+evaluation results land under `<base>/eval/ablate-<name>/` so 05_evaluate finds them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from quadlib.cluster import ClusterSettings, cluster_corpus, load_assignments
+from quadlib.evaluation.train_eval import EvalSettings, train_and_evaluate
+from quadlib.pipeline import load_proxy, load_scorer, selection_context
+from quadlib.proxy import TrainSettings
+from quadlib.runstore import RunStore, write_json_atomic
+from quadlib.selection import export_selection, make_selector
+from quadlib.selection.metrics import quality_diversity
+from quadlib.settings import setting
+
+BASE_CLUSTER_STEP = "cluster"
+
+
+@dataclass
+class ExperimentSettings:
+    method: str = setting("quad", "selector: 'quad' or a baseline such as 'topk_clusters' (Fig. 4a)")
+    estimator: str = setting("kfac_joint_qkv", "influence variant (Figs. 4b/4c)")
+    n_clusters: int | None = setting(None, "k of a re-clustering (Fig. 5d); None keeps the base clusters")
+    cluster_algorithm: str = setting("faiss_kmeans", "algorithm of a re-clustering (Fig. 5c)")
+    alpha: float = setting(0.002, "UCB exploration weight")
+    tau: float = setting(0.0025, "influence threshold")
+    gamma: float = setting(0.25, "fraction of a batch kept at most")
+    k: int = setting(2, "clusters pulled per round")
+    batch_size: int = setting(8, "documents per pulled cluster and round")
+    units: str = setting("absolute", "'absolute': alpha and tau in score units; 'score_std': multiples of the std "
+                         "of the scores cached so far, so one grid fits any proxy's score scale")
+    budget_fraction: float = setting(0.1, "selection budget as a fraction of the pool's tokens (Table 5)")
+    train_tokens: int = setting(20_000, "tokens every trained model sees, whatever its selection's size")
+    seed: int = setting(0, "selection and training seed")
+
+
+def _clusters(base: RunStore, settings: ExperimentSettings, base_k: int) -> pd.DataFrame:
+    """The base run's clusters, or a re-clustering stored as its own step of the base run."""
+    if settings.n_clusters is None or (settings.n_clusters == base_k and settings.cluster_algorithm == "faiss_kmeans"):
+        return load_assignments(base, BASE_CLUSTER_STEP)
+    step = f"cluster-{settings.cluster_algorithm}-k{settings.n_clusters}"
+    cluster_corpus(base, ClusterSettings(k=settings.n_clusters, algorithm=settings.cluster_algorithm,
+                                         seed=settings.seed), out_step=step)
+    return load_assignments(base, step)
+
+
+def _score_scale(scorer: Any, ids: list[str], units: str) -> float:
+    if units == "absolute":
+        return 1.0
+    if units != "score_std":
+        raise ValueError(f"units must be 'absolute' or 'score_std', got {units!r}")
+    cached = np.fromiter(scorer.cached(ids).values(), dtype=np.float64)
+    if len(cached) < 2:
+        raise ValueError("units='score_std' needs scores cached by 02_score/03_bandit; run them first")
+    return float(cached.std())
+
+
+def run_experiment(base_dir: str | Path, result_dir: str | Path, settings: ExperimentSettings,
+                   name: str) -> dict[str, Any]:
+    """Run one experiment and write `<result_dir>/result.json` (flat: parameters and measurements)."""
+    base, own = RunStore(base_dir), RunStore(result_dir)
+    model, tokenizer = load_proxy(base)
+    _, scorer = load_scorer(base, model, tokenizer, settings.estimator)
+    ctx = selection_context(base, scorer, model, tokenizer, seed=settings.seed)
+    base_k = int(ctx.assignments["cluster"].nunique())
+    ctx.assignments = _clusters(base, settings, base_k)
+    ctx.run_dir = own.root
+    budget = int(settings.budget_fraction * ctx.pool["n_tokens"].sum())
+    scale = _score_scale(scorer, ctx.pool["id"].tolist(), settings.units)
+    selector_settings: dict[str, Any] = {}
+    if settings.method == "quad":
+        selector_settings = {"alpha": settings.alpha * scale, "tau": settings.tau * scale, "gamma": settings.gamma,
+                             "k": settings.k, "batch_size": settings.batch_size}
+    start = time.perf_counter()
+    selection = make_selector(settings.method, selector_settings).select(ctx, budget)
+    select_seconds = time.perf_counter() - start
+    export_selection(selection, ctx, own)
+    scores = pd.Series(scorer.cached(ctx.pool["id"].tolist()))
+    measured = quality_diversity(selection.ids, scores, ctx.assignments)
+    texts = ctx.pool.set_index("id").loc[sorted(selection.ids), "text"].tolist()
+    records = train_and_evaluate(
+        base, f"ablate-{name}", texts, base.root / "proxy" / "model", tokenizer,
+        TrainSettings(token_budget=settings.train_tokens, batch_size=8, block_size=128, warmup_steps=2),
+        [settings.seed], EvalSettings(max_heldout_docs=200))
+    result = {**asdict(settings), **measured, "score_scale": scale, "budget_tokens": budget, "tokens_selected": selection.tokens_selected,
+              "select_seconds": select_seconds, "docs_scored": selection.cost.docs_scored,
+              "flops": selection.cost.flops, **records[0]["metrics"]}
+    write_json_atomic(own.root / "result.json", result)
+    return result
