@@ -14,6 +14,7 @@ from executor_steps import SlowStep, assert_exactly_once, make_corpus, run_kille
 from quadlib.cluster import assign
 from quadlib.embed import EmbedSettings, embed_corpus, embedding_path, load_embeddings
 from quadlib.execution import ExecutorSettings, LocalExecutor, ShardStep, make_executor, read_step_output, shard_is_done
+from quadlib.execution.doc_scorer import influence_scorer_factory
 from quadlib.execution.steps import (AssignStep, DsirFeatureStep, EmbedStep, InfluenceStep, MatesPredictStep,
                                      PerplexityStep)
 from quadlib.runstore import RunStore
@@ -165,16 +166,21 @@ def test_proxy_steps_equal_the_influence_scorer_and_the_probe(corpus: RunStore, 
     np.testing.assert_allclose(read_step_output(corpus, influence)["score"], expected_scores, rtol=1e-4, atol=1e-6)
     probe = HFProbeModel(model, tokenizer, ["unused"], max_length=32, batch_size=8, device="cpu")
     np.testing.assert_allclose(read_step_output(corpus, perplexity)["loss"], probe.doc_losses(texts), rtol=1e-5)
+    # the bandit's scoring actors build the same scorer from the same step
+    actor_scorer = influence_scorer_factory(InfluenceStep(tmp_path / "model", tmp_path / "estimator.safetensors",
+                                                          max_length=32, batch_size=8, device="cpu"))()
+    np.testing.assert_allclose(actor_scorer(texts[:8]), expected_scores[:8], rtol=1e-4, atol=1e-6)
 
 
 def test_scaleout_command_embeds_fits_cluster_corpus_centroids_and_assigns(corpus: RunStore) -> None:
     from quadlib.cluster import ClusterSettings, cluster_corpus, load_assignments, load_centroids
-    from quadlib.execution.scaleout import main
+    from quadlib.execution.scaleout import load_pool_assignments, main
 
     main(["--run", str(corpus.root), "--steps", "embed", "assign", "--k", "3", "--executor", "local"])
     cluster_corpus(corpus, ClusterSettings(k=3))  # the single-machine step on the same embeddings
     assert np.array_equal(np.load(corpus.root / "cluster-centroids" / "centroids.npy"), load_centroids(corpus))
-    ours = read_step_output(corpus, AssignStep(load_centroids(corpus)))
+    ours = load_pool_assignments(corpus)
+    assert ours["id"].tolist() == load_assignments(corpus)["id"].tolist()
     assert ours["cluster"].tolist() == load_assignments(corpus)["cluster"].tolist()
 
 

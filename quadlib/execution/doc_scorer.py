@@ -12,6 +12,7 @@ are reassembled by chunk position, so 1, 2 or N workers give bit-identical score
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from quadlib.execution.ray_cluster import RaySettings, connect_ray, worker_count
 from quadlib.execution.step import Resources
+from quadlib.execution.steps import InfluenceStep
 
 if TYPE_CHECKING:  # quadlib.selection is heavy; actors never need it
     from quadlib.influence.cache import ScoreCache
@@ -26,6 +28,18 @@ if TYPE_CHECKING:  # quadlib.selection is heavy; actors never need it
 
 # Builds a text-scoring function (`quadlib.selection.scoring.TextScoreFn`) inside each actor.
 ScorerFactory = Callable[[], Callable[[list[str]], np.ndarray]]
+
+
+def influence_scorer_factory(step: InfluenceStep) -> ScorerFactory:
+    """The factory of `quadlib.influence.scorer.InfluenceScorer.score_texts` for the scoring actors:
+    each loads the proxy and the fitted estimator (preconditioned reference) once, through the same
+    `InfluenceStep.setup` the per-shard influence step uses."""
+    return partial(_set_up_influence, step)
+
+
+def _set_up_influence(step: InfluenceStep) -> Callable[[list[str]], np.ndarray]:
+    step.setup()
+    return step.scorer.score_texts
 
 
 class _ScorerActor:

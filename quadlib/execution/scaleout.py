@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from quadlib.cluster import ClusterSettings, fit_centroids
 from quadlib.embed import EmbedSettings
 from quadlib.execution.executors import ExecutorSettings, StepRun, make_executor
 from quadlib.execution.ray_cluster import RaySettings
-from quadlib.execution.step import ShardStep
+from quadlib.execution.step import ShardStep, read_step_output
 from quadlib.execution.steps import AssignStep, DsirFeatureStep, EmbedStep, InfluenceStep, PerplexityStep
 from quadlib.runstore import RunStore, atomic_path
 from quadlib.settings import setting
@@ -76,6 +77,16 @@ def _influence_step(store: RunStore, settings: ScaleOutSettings) -> ShardStep:
         raise ValueError("the influence step needs estimator_state (--estimator-state .../estimator.safetensors)")
     return InfluenceStep(_proxy_dir(settings, "influence"), settings.estimator_state, estimator=settings.estimator,
                          max_length=settings.max_length)
+
+
+def load_pool_assignments(store: RunStore, settings: ClusterSettings | None = None) -> pd.DataFrame:
+    """Columns id, cluster, distance for the whole pool, from the assign step's shards (the
+    scale-out counterpart of `quadlib.cluster.load_assignments`, for the bandit)."""
+    settings = settings or ClusterSettings()
+    path = store.root / CENTROIDS_STEP / "centroids.npy"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; run the scale-out 'assign' step first")
+    return read_step_output(store, AssignStep(np.load(path), spherical=settings.spherical))
 
 
 StepFactory = Callable[[RunStore, ScaleOutSettings], ShardStep]
