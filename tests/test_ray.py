@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: `make test` installs ray[data] from pyproject.toml")
+pytestmark = pytest.mark.ray
 
 import executor_steps  # noqa: E402
 from executor_steps import (CrashOnceStep, SlowStep, assert_exactly_once, make_corpus, run_killed_driver,  # noqa: E402
