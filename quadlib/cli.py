@@ -16,13 +16,26 @@ DEFAULT_REFERENCE = "data/synthetic/reference.jsonl.gz"
 
 def demo_parameters(run: str, pool: str, reference: str, seed: int) -> dict[str, dict[str, Any]]:
     """Papermill parameters of the main job, per notebook (the notebooks' own defaults are tiny)."""
-    common = {"RUN_DIR": run, "POOL": pool, "REFERENCE": reference, "SEED": seed}
+    common = {"RUN_DIR": run, "SEED": seed}
+    bandit = {"GAMMA": 0.25, "K": 4, "BATCH_SIZE": 16}
+    ablations = [
+        {"grid": "alpha", "axes": {"ALPHA": [0.0, 0.1, 1.0, 10.0]}},
+        {"grid": "tau", "axes": {"TAU": [0.0, 0.5, 1.0]}},
+        {"grid": "mab_vs_topk"},
+        {"grid": "influence_variant"},
+        {"grid": "n_clusters", "axes": {"N_CLUSTERS": [8, 16, 64]}},
+        {"grid": "cluster_algorithm"},
+        {"grid": "budget", "axes": {"BUDGET_FRACTION": [0.05, 0.1, 0.2]}},
+    ]
     return {
-        "01_cluster": common | {"LIMIT": None, "K": 32},
-        "02_score": common,
-        "03_bandit": common,
-        "04_ablate": common,
-        "05_evaluate": common,
+        "01_cluster": common | {"POOL": pool, "REFERENCE": reference, "LIMIT": None, "K": 32, "MAP_SAMPLE": 1000},
+        "02_score": common | {"PROXY_MODEL": "tiny-llama", "TOKENIZER_VOCAB": 4096, "WARMUP_DOCS": 1000,
+                              "WARMUP_STEPS": 120, "FIT_DOCS": 256, "REFERENCE_DOCS": 256, "SAMPLES_PER_CLUSTER": 16},
+        "03_bandit": common | bandit | {"SAMPLE_SIZE": None, "N_ORACLE": 64},
+        "04_ablate": common | {"RESULT_DIR": f"{run}-ablate/single"},
+        "05_evaluate": common | {"SEEDS": [0, 1, 2], "TRAIN_TOKENS": 20_000, "ABLATE_DIR": f"{run}-ablate",
+                                 "ABLATIONS": ablations, "ABLATE_WORKERS": 1,
+                                 "ABLATE_FIXED": bandit | {"UNITS": "score_std", "TRAIN_TOKENS": 10_000}},
     }
 
 
@@ -44,6 +57,27 @@ def cmd_make_data(args: argparse.Namespace) -> None:
     print(f"wrote {pool} and {reference}")
 
 
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from quadlib.corpus import CorpusSettings, ingest
+    from quadlib.runstore import RunStore
+
+    store = RunStore(args.run)
+    pool = ingest(store, args.pool, settings=CorpusSettings(text_field=args.text_field, shard_size=args.shard_size,
+                                                            heldout_fraction=args.heldout_fraction))
+    ref = ingest(store, args.reference, step="reference",
+                 settings=CorpusSettings(text_field=args.text_field, id_field=None, source_field=None))
+    print(f"pool: {pool['kept']} kept, {pool['heldout']} held out, {pool['skipped_total']} skipped "
+          f"in {len(pool['shards'])} shards; reference: {ref['kept']}")
+
+
+def cmd_scale(args: argparse.Namespace) -> None:
+    from quadlib.execution.scaleout import run_scaleout, settings_from_args
+    from quadlib.runstore import RunStore
+
+    for name, run in run_scaleout(RunStore(args.run), settings_from_args(args)).items():
+        print(f"{name}: {len(run.processed)} shards processed ({run.rows} documents), {run.skipped} already done")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks")
     demo.set_defaults(func=cmd_demo)
+
+    ing = sub.add_parser("ingest", help="validate and shard a pool and a reference set into a run folder")
+    ing.add_argument("--run", required=True)
+    ing.add_argument("--pool", default=DEFAULT_POOL)
+    ing.add_argument("--reference", default=DEFAULT_REFERENCE)
+    ing.add_argument("--text-field", default="text")
+    ing.add_argument("--shard-size", type=int, default=2_000)
+    ing.add_argument("--heldout-fraction", type=float, default=0.1)
+    ing.set_defaults(func=cmd_ingest)
+
+    scale = sub.add_parser("scale", help="run per-shard steps on the local or the Ray executor (docs/scale.md)")
+    from quadlib.execution.scaleout import add_arguments
+
+    add_arguments(scale)
+    scale.set_defaults(func=cmd_scale)
 
     data = sub.add_parser("make-data", help="regenerate the default synthetic data")
     data.add_argument("--out", default="data/synthetic")
