@@ -75,6 +75,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
         json.dump(to_jsonable(payload), f, indent=2, sort_keys=True)
         tmp = Path(f.name)
+    tmp.chmod(0o644)  # NamedTemporaryFile creates 0600; run folders are shared and read by others
     os.replace(tmp, path)
 
 
