@@ -14,11 +14,12 @@ DEFAULT_POOL = "data/synthetic/pool.jsonl.gz"
 DEFAULT_REFERENCE = "data/synthetic/reference.jsonl.gz"
 
 
-def demo_parameters(run: str, pool: str, reference: str, seed: int) -> dict[str, dict[str, Any]]:
+def demo_parameters(run: str, pool: str, reference: str, seed: int, *, eval_dir: str | None = None,
+                    lambada: bool = False, ablations: bool = True) -> dict[str, dict[str, Any]]:
     """Papermill parameters of the main job, per notebook (the notebooks' own defaults are tiny)."""
     common = {"RUN_DIR": run, "SEED": seed}
     bandit = {"GAMMA": 0.25, "K": 4, "BATCH_SIZE": 16}
-    ablations = [
+    grids = [
         {"grid": "alpha", "axes": {"ALPHA": [0.0, 0.1, 1.0, 10.0]}},
         {"grid": "tau", "axes": {"TAU": [0.0, 0.5, 1.0]}},
         {"grid": "mab_vs_topk"},
@@ -34,7 +35,9 @@ def demo_parameters(run: str, pool: str, reference: str, seed: int) -> dict[str,
         "03_bandit": common | bandit | {"SAMPLE_SIZE": None, "N_ORACLE": 64},
         "04_ablate": common | {"RESULT_DIR": f"{run}-ablate/single"},
         "05_evaluate": common | {"SEEDS": [0, 1, 2], "TRAIN_TOKENS": 20_000, "ABLATE_DIR": f"{run}-ablate",
-                                 "ABLATIONS": ablations, "ABLATE_WORKERS": 1,
+                                 "ABLATIONS": grids if ablations else [], "ABLATE_WORKERS": 1,
+                                 "EVAL_DIR": eval_dir, "TASK_LIMIT": 200, "LAMBADA": lambada,
+                                 "MAX_REFERENCE_DOCS": 1000,
                                  "ABLATE_FIXED": bandit | {"UNITS": "score_std", "TRAIN_TOKENS": 10_000}},
     }
 
@@ -47,7 +50,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     reports = Path(args.reports)
     names = _available(NOTEBOOKS) if not args.only else args.only
-    runs = run_notebooks(names, demo_parameters(args.run, args.pool, args.reference, args.seed), reports)
+    parameters = demo_parameters(args.run, args.pool, args.reference, args.seed, eval_dir=args.eval_dir,
+                                 lambada=args.lambada, ablations=not args.no_ablations)
+    runs = run_notebooks(names, parameters, reports)
     index = write_index(reports, runs)
     print(f"[quad] done in {time.perf_counter() - start:.0f} s; report: {index.resolve()}")
 
@@ -88,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--reference", default=DEFAULT_REFERENCE, help="reference set, same forms as --pool")
     demo.add_argument("--reports", default="reports", help="where executed notebooks and HTML go")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--eval-dir", default=None, help="zero-shot task files, e.g. ../shared/data/eval")
+    demo.add_argument("--lambada", action="store_true", help="the reference is LAMBADA: report last-word accuracy")
+    demo.add_argument("--no-ablations", action="store_true", help="skip the ablation grids of 05_evaluate")
     demo.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks")
     demo.set_defaults(func=cmd_demo)
 
