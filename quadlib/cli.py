@@ -15,7 +15,8 @@ DEFAULT_REFERENCE = "data/synthetic/reference.jsonl.gz"
 
 
 def demo_parameters(run: str, pool: str, reference: str, seed: int, *, eval_dir: str | None = None,
-                    lambada: bool = False, ablations: bool = True) -> dict[str, dict[str, Any]]:
+                    lambada: bool = False, ablations: bool = True, budget_fraction: float = 0.1
+                    ) -> dict[str, dict[str, Any]]:
     """Papermill parameters of the main job, per notebook (the notebooks' own defaults are tiny)."""
     common = {"RUN_DIR": run, "SEED": seed}
     bandit = {"GAMMA": 0.25, "K": 4, "BATCH_SIZE": 16}
@@ -32,7 +33,8 @@ def demo_parameters(run: str, pool: str, reference: str, seed: int, *, eval_dir:
         "01_cluster": common | {"POOL": pool, "REFERENCE": reference, "LIMIT": None, "K": 32, "MAP_SAMPLE": 1000},
         "02_score": common | {"PROXY_MODEL": "tiny-llama", "TOKENIZER_VOCAB": 4096, "WARMUP_DOCS": 1000,
                               "WARMUP_STEPS": 120, "FIT_DOCS": 256, "REFERENCE_DOCS": 256, "SAMPLES_PER_CLUSTER": 16},
-        "03_bandit": common | bandit | {"SAMPLE_SIZE": None, "N_ORACLE": 64},
+        "03_bandit": common | bandit | {"SAMPLE_SIZE": 1024, "N_ORACLE": 64,
+                                        "BUDGET_FRACTION": budget_fraction},
         "04_ablate": common | {"RESULT_DIR": f"{run}-ablate/single"},
         "05_evaluate": common | {"SEEDS": [0, 1, 2], "TRAIN_TOKENS": 20_000, "ABLATE_DIR": f"{run}-ablate",
                                  "ABLATIONS": grids if ablations else [], "ABLATE_WORKERS": 1,
@@ -51,7 +53,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     reports = Path(args.reports)
     names = _available(NOTEBOOKS) if not args.only else args.only
     parameters = demo_parameters(args.run, args.pool, args.reference, args.seed, eval_dir=args.eval_dir,
-                                 lambada=args.lambada, ablations=not args.no_ablations)
+                                 lambada=args.lambada, ablations=not args.no_ablations,
+                                 budget_fraction=args.budget_fraction)
     runs = run_notebooks(names, parameters, reports)
     index = write_index(reports, runs)
     print(f"[quad] done in {time.perf_counter() - start:.0f} s; report: {index.resolve()}")
@@ -95,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--eval-dir", default=None, help="zero-shot task files, e.g. ../shared/data/eval")
     demo.add_argument("--lambada", action="store_true", help="the reference is LAMBADA: report last-word accuracy")
+    demo.add_argument("--budget-fraction", type=float, default=0.1,
+                      help="selection budget as a fraction of the pool's tokens (every method)")
     demo.add_argument("--no-ablations", action="store_true", help="skip the ablation grids of 05_evaluate")
     demo.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks")
     demo.set_defaults(func=cmd_demo)
