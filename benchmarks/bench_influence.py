@@ -1,61 +1,112 @@
-"""Influence scoring speed, side by side in one run: a plain forward+backward, every estimator in
-reverse mode, Kronfluence 1.0.1 (factor fit timed separately) and TRAK (traker's CPU projector),
-on the same Llama-style model, documents and one aggregated reference query.
+"""Influence scoring speed and memory, side by side in one run, at several model sizes and lengths.
 
-Reports documents/s, tokens/s, peak resident memory of each phase (VmHWM, reset per phase) and the
-ratio of each scorer's throughput to the plain forward+backward (issue 3 target >= 0.7, issue 8
-target >= 1.0). Timings are the best of `--repeats` runs (the machine is shared).
+For each configuration (hidden width x tokens per document), on one Llama-style float32 model with
+one set of documents and one aggregated reference query:
+  - a plain forward+backward (a training step without the optimizer: weight gradients included);
+  - every estimator in reverse mode (contraction inside an activation-gradient backward);
+  - the forward-only modes of the default estimator (jvp; central_difference), whose cost does
+    not depend on the estimator (only V differs);
+  - Kronfluence 1.0.1's K-FAC with one block per module, the match of kfac_attn_indep on Llama's
+    separate q/k/v (its factor fit timed separately);
+  - optionally TRAK (traker's CPU projector).
+The machine is shared, so every method is timed in PAIRS with a forward+backward run right before
+it; "x fwd+bwd" is the median over repeats of the pairwise time ratio, and docs/s the best time.
+Peak memory, two ways:
+  live MiB  peak of live tensor bytes allocated during one call (torch.profiler memory events,
+            an untimed run; tensors alive before the call, i.e. weights and estimator state, excluded);
+  RSS MiB   peak resident set (VmHWM, reset right before the timed call): whole process.
+A per-phase profile of one batch (torch.profiler record_function sections in quadlib.influence:
+forward, backward, hooks, contraction, collate) shows where the time goes.
 
-    .venv/bin/python benchmarks/bench_influence.py --hidden 256 --layers 4 --docs 64 --tokens 128
+    .venv/bin/python benchmarks/bench_influence.py --configs 256:128:64:16 256:512:16:8 1024:128:16:8 1024:512:4:4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from quadlib.influence.estimators import ESTIMATORS, make_estimator
+from quadlib.influence.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, InfluenceEstimator, make_estimator
 from quadlib.influence.loss import Batch, document_losses
 from quadlib.influence.peers import kronfluence_scores, trak_scores
+from quadlib.influence.scorer import collate
 from quadlib.influence.toy import random_batch, tiny_llama
 
+PHASES = ("influence.collate", "influence.forward", "influence.backward", "influence.hooks",
+          "influence.contraction")
+FORWARD_ONLY_MODES = ("jvp", "central_difference")
 
-def _reset_peak() -> None:
+
+@dataclass
+class Config:
+    """hidden:tokens:docs:batch, e.g. 256:128:64:16."""
+
+    hidden: int
+    tokens: int
+    docs: int
+    batch: int
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        try:
+            hidden, tokens, docs, batch = (int(part) for part in text.split(":"))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"--configs entry {text!r} is not hidden:tokens:docs:batch") from err
+        return cls(hidden, tokens, docs, batch)
+
+
+@dataclass
+class Row:
+    method: str
+    seconds: float
+    ratios: list[float]
+    live_mib: float | None
+    rss_mib: float
+    fit_seconds: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _reset_rss_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _peak_mib() -> float:
+def _rss_peak_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
-    """(best seconds, peak MiB, last result) of `fn` over `repeats` runs after one untimed warm-up."""
-    fn()
-    best, peak, result = float("inf"), 0.0, None
-    for _ in range(repeats):
-        _reset_peak()
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-        peak = max(peak, _peak_mib())
-    return best, peak, result
+def live_peak_mib(fn: Callable[[], object]) -> float:
+    """Peak of live tensor bytes allocated while `fn` runs (profiler memory events, in time order)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 def forward_backward(model: torch.nn.Module, batches: list[Batch]) -> None:
     """What a training step costs without the optimizer: loss, full backward with weight gradients."""
     for batch in batches:
         model.zero_grad(set_to_none=True)
-        document_losses(model, batch).sum().backward()
+        with record_function("influence.forward"):
+            total = document_losses(model, batch).sum()
+        with record_function("influence.backward"):
+            total.backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -65,86 +116,174 @@ def forward_only(model: torch.nn.Module, batches: list[Batch]) -> None:
             document_losses(model, batch)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--docs", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--fit-docs", type=int, default=32)
-    parser.add_argument("--reference-docs", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--estimators", nargs="*", default=sorted(ESTIMATORS))
-    parser.add_argument("--no-peers", action="store_true", help="skip Kronfluence and TRAK")
-    parser.add_argument("--trak-proj-dim", type=int, default=512)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = parser.parse_args()
+def scoring(estimator: InfluenceEstimator, mode: str, model: torch.nn.Module, batches: list[Batch]
+            ) -> Callable[[], np.ndarray]:
+    def run() -> np.ndarray:
+        estimator.settings = replace(estimator.settings, mode=mode)
+        return torch.cat([estimator.score(model, batch) for batch in batches]).numpy()
+    return run
 
-    model = tiny_llama(hidden=args.hidden, layers=args.layers, vocab=args.vocab, heads=max(2, args.hidden // 64),
-                       kv_heads=max(2, args.hidden // 64), intermediate=int(2.75 * args.hidden), dtype=torch.float32)
+
+def paired(method: Callable[[], object], baseline: Callable[[], object], repeats: int
+           ) -> tuple[float, list[float], float, object]:
+    """(best seconds, per-pair baseline/method time ratios, RSS peak MiB, last result), after a warm-up."""
+    result = method()
+    best, ratios, rss = float("inf"), [], 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        baseline()
+        base_seconds = time.perf_counter() - start
+        _reset_rss_peak()
+        start = time.perf_counter()
+        result = method()
+        seconds = time.perf_counter() - start
+        rss = max(rss, _rss_peak_mib())
+        best = min(best, seconds)
+        ratios.append(base_seconds / seconds)
+    return best, ratios, rss, result
+
+
+def phase_profile(fn: Callable[[], object]) -> dict[str, float]:
+    """Milliseconds inside each record_function phase during one call of `fn`, plus the total."""
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    total = (time.perf_counter() - start) * 1000
+    spent = {event.key: event.cpu_time_total / 1000 for event in prof.key_averages() if event.key in PHASES}
+    out = {phase.removeprefix("influence."): spent.get(phase, 0.0) for phase in PHASES}
+    out["hooks"] -= out["contraction"]  # the contraction runs inside the backward hook
+    out["backward"] -= out["hooks"] + out["contraction"]  # the hooks run inside the backward
+    out["total"] = total
+    return out
+
+
+def run_config(config: Config, args: argparse.Namespace) -> tuple[list[Row], dict[str, dict[str, float]]]:
+    model = tiny_llama(hidden=config.hidden, layers=args.layers, vocab=args.vocab, heads=max(2, config.hidden // 64),
+                       kv_heads=max(2, config.hidden // 64), intermediate=int(2.75 * config.hidden), dtype=torch.float32)
+    b, n_batches = config.batch, max(1, config.docs // config.batch)
+    documents = [random_batch(b, config.tokens, args.vocab, seed=100 + i) for i in range(n_batches)]
+    fit = [random_batch(b, config.tokens, args.vocab, seed=200 + i) for i in range(max(1, args.fit_docs // b))]
+    reference = [random_batch(b, config.tokens, args.vocab, seed=300 + i) for i in range(max(1, args.reference_docs // b))]
     n_params = sum(p.numel() for p in model.parameters())
-    b = args.batch_size
-    documents = [random_batch(b, args.tokens, args.vocab, seed=100 + i) for i in range(args.docs // b)]
-    fit = [random_batch(b, args.tokens, args.vocab, seed=200 + i) for i in range(args.fit_docs // b)]
-    reference = [random_batch(b, args.tokens, args.vocab, seed=300 + i) for i in range(args.reference_docs // b)]
-    n_docs, n_tokens = args.docs // b * b, args.docs // b * b * args.tokens
-    print(f"model: Llama-style, {args.layers} layers x {args.hidden}, vocab {args.vocab}, {n_params / 1e6:.2f}M params, "
-          f"float32, {torch.get_num_threads()} threads; {n_docs} docs x {args.tokens} tokens, batch {b}")
-
-    rows: list[dict[str, object]] = []
-
-    def record(method: str, seconds: float, peak: float, fit_seconds: float | None = None) -> None:
-        rows.append({"method": method, "seconds": seconds, "docs_per_s": n_docs / seconds,
-                     "tokens_per_s": n_tokens / seconds, "peak_mib": peak, "fit_seconds": fit_seconds})
-
-    seconds, peak, _ = timed(lambda: forward_backward(model, documents), args.repeats)
-    record("forward+backward (training step)", seconds, peak)
-    baseline = seconds
-    seconds, peak, _ = timed(lambda: forward_only(model, documents), args.repeats)
-    record("forward only (no grad)", seconds, peak)
-
+    print(f"\n## Llama-style {args.layers} x {config.hidden} (intermediate {int(2.75 * config.hidden)}), vocab "
+          f"{args.vocab}, {n_params / 1e6:.1f}M params, float32, {torch.get_num_threads()} threads; "
+          f"{n_batches * b} docs x {config.tokens} tokens, batch {b}", flush=True)
+    baseline = lambda: forward_backward(model, documents)  # noqa: E731
+    rows: list[Row] = []
+    profiles: dict[str, dict[str, float]] = {}
     scores: dict[str, np.ndarray] = {}
+
+    def measure(method: str, fn: Callable[[], object], fit_seconds: float | None = None) -> object:
+        live = live_peak_mib(fn)
+        seconds, ratios, rss, result = paired(fn, baseline, args.repeats)
+        rows.append(Row(method, seconds, ratios, live, rss, fit_seconds))
+        print(f"  {method}: {seconds:.2f} s, x fwd+bwd {statistics.median(ratios):.2f}, live {live:.0f} MiB", flush=True)
+        return result
+
+    measure("forward+backward (training step)", baseline)
+    measure("forward only (no grad)", lambda: forward_only(model, documents))
+    profiles["forward+backward"] = phase_profile(lambda: forward_backward(model, documents[:1]))
     for name in args.estimators:
         estimator = make_estimator(name, "kronfluence_match")
         start = time.perf_counter()
         estimator.fit(model, fit)
         estimator.set_reference(model, reference)
         fit_seconds = time.perf_counter() - start
-        seconds, peak, result = timed(lambda est=estimator: torch.cat([est.score(model, d) for d in documents]),
-                                      args.repeats)
-        scores[name] = result.numpy()
-        record(f"quad {name}", seconds, peak, fit_seconds)
+        scores[name] = measure(f"reverse {name}", scoring(estimator, "reverse", model, documents), fit_seconds)
+        if name == DEFAULT_ESTIMATOR:
+            token_lists = [row.tolist() for row in documents[0]["input_ids"]]
 
-    if not args.no_peers:
+            def one_batch(mode: str, est: InfluenceEstimator = estimator) -> None:
+                batch = collate(token_lists, 0, torch.device("cpu"))
+                scoring(est, mode, model, [batch])()
+            profiles[f"reverse {name}"] = phase_profile(lambda: one_batch("reverse"))
+            for mode in FORWARD_ONLY_MODES:
+                scores[f"{mode} {name}"] = measure(f"{mode} {name}", scoring(estimator, mode, model, documents))
+                profiles[f"{mode} {name}"] = phase_profile(lambda m=mode: one_batch(m))
+        del estimator
+
+    if not args.no_kronfluence:
         indep = make_estimator("kfac_attn_indep")
         indep.fit(model, fit[:1])
         modules = sorted({part.module_name for layer in indep.layers for part in layer.parts})
-        _reset_peak()
+        start = time.perf_counter()
+        baseline()
+        base_seconds = time.perf_counter() - start
+        _reset_rss_peak()
         peer = kronfluence_scores(model, modules, fit, reference, documents, damping=None, dtype=torch.float32)
-        record("kronfluence 1.0.1 kfac (pairwise, 1 query set)", peer.score_seconds, _peak_mib(), peer.fit_seconds)
+        rows.append(Row("kronfluence 1.0.1 kfac (pairwise, 1 query set)", peer.score_seconds,
+                        [base_seconds / peer.score_seconds], None, _rss_peak_mib(), peer.fit_seconds))
         scores["kronfluence_kfac"] = peer.scores
-        _reset_peak()
+    if args.trak:
+        _reset_rss_peak()
         trak = trak_scores(model, fit, reference, documents, proj_dim=args.trak_proj_dim)
-        record(f"TRAK (traker BasicProjector, proj_dim {args.trak_proj_dim})", trak.score_seconds, _peak_mib(),
-               trak.fit_seconds)
-        scores["trak"] = trak.scores
-
-    print(f"\n{'method':<52} {'docs/s':>8} {'tokens/s':>9} {'x fwd+bwd':>9} {'peak MiB':>9} {'fit s':>7}")
-    for row in rows:
-        row["ratio_to_forward_backward"] = baseline / row["seconds"]
-        fit_text = f"{row['fit_seconds']:7.2f}" if row["fit_seconds"] is not None else f"{'-':>7}"
-        print(f"{row['method']:<52} {row['docs_per_s']:8.1f} {row['tokens_per_s']:9.0f} "
-              f"{row['ratio_to_forward_backward']:9.2f} {row['peak_mib']:9.0f} {fit_text}")
+        rows.append(Row(f"TRAK (traker BasicProjector, proj_dim {args.trak_proj_dim})", trak.score_seconds,
+                        [rows[0].seconds / trak.score_seconds], None, _rss_peak_mib(), trak.fit_seconds))
     if "kronfluence_kfac" in scores and "kfac_attn_indep" in scores:
         a, k = scores["kfac_attn_indep"], scores["kronfluence_kfac"]
-        print(f"\npeer cross-check (float32): quad kfac_attn_indep vs Kronfluence kfac: "
-              f"Pearson {np.corrcoef(a, k)[0, 1]:.6f}, Spearman {spearmanr(a, k)[0]:.6f}")
+        print(f"  peer cross-check: quad kfac_attn_indep vs Kronfluence kfac: Pearson {np.corrcoef(a, k)[0, 1]:.6f}, "
+              f"Spearman {spearmanr(a, k)[0]:.6f}")
+    reverse = scores.get(DEFAULT_ESTIMATOR)
+    for mode in FORWARD_ONLY_MODES:
+        if reverse is not None and f"{mode} {DEFAULT_ESTIMATOR}" in scores:
+            other = scores[f"{mode} {DEFAULT_ESTIMATOR}"]
+            print(f"  {mode} vs reverse ({DEFAULT_ESTIMATOR}, random tokens, float32): Spearman "
+                  f"{spearmanr(other, reverse)[0]:.6f}, max |diff| / max |reverse| "
+                  f"{np.abs(other - reverse).max() / np.abs(reverse).max():.2e}")
+    print_table(rows, n_batches * b, n_batches * b * config.tokens)
+    print_profiles(profiles)
+    return rows, profiles
+
+
+def print_table(rows: list[Row], n_docs: int, n_tokens: int) -> None:
+    kronfluence = next((row.seconds for row in rows if row.method.startswith("kronfluence")), None)
+    print("\n| method | docs/s | tokens/s | x fwd+bwd (median of pairs) | x Kronfluence | live MiB | RSS MiB | fit s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        vs_peer = f"{kronfluence / row.seconds:.2f}" if kronfluence else "-"
+        live = f"{row.live_mib:.0f}" if row.live_mib is not None else "-"
+        fit = f"{row.fit_seconds:.1f}" if row.fit_seconds is not None else "-"
+        print(f"| {row.method} | {n_docs / row.seconds:.1f} | {n_tokens / row.seconds:.0f} | "
+              f"{statistics.median(row.ratios):.2f} | {vs_peer} | {live} | {row.rss_mib:.0f} | {fit} |")
+
+
+def print_profiles(profiles: dict[str, dict[str, float]]) -> None:
+    names = ("collate", "forward", "backward", "hooks", "contraction", "total")
+    print("\nprofile of one batch (ms; torch.profiler record_function sections, profiler overhead included; "
+          "backward excludes the backward hooks, hooks exclude the contraction; the forward includes the forward "
+          "hooks; a forward-only mode is all forward)")
+    print("| method | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for method, phases in profiles.items():
+        print(f"| {method} | " + " | ".join(f"{phases[name]:.0f}" for name in names) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", type=Config.parse,
+                        default=[Config.parse(text) for text in ("256:128:64:16", "256:512:16:8", "1024:128:16:8",
+                                                                 "1024:512:4:4")],
+                        help="hidden:tokens:docs:batch per configuration; few docs keep the big ones feasible")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--fit-docs", type=int, default=16)
+    parser.add_argument("--reference-docs", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed (fwd+bwd, method) pairs per method")
+    parser.add_argument("--estimators", nargs="*", default=sorted(ESTIMATORS))
+    parser.add_argument("--no-kronfluence", action="store_true")
+    parser.add_argument("--trak", action="store_true", help="also time TRAK (slow: per-document gradients)")
+    parser.add_argument("--trak-proj-dim", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    results = {}
+    for config in args.configs:
+        rows, profiles = run_config(config, args)
+        results[f"{config.hidden}x{config.tokens}"] = {"config": vars(config), "rows": [vars(r) for r in rows],
+                                                       "profiles": profiles}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "n_params": n_params,
-                                        "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                       indent=2))
 
 
 if __name__ == "__main__":

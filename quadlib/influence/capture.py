@@ -2,9 +2,10 @@
 
 A layer's gradient for document b is M_b = sum_t delta_{b,t} x_{b,t}^T (the per-layer gradient in Quad's influence formula), so
 x and delta are all that K-FAC fitting, reference gradients and scoring need: no parameter `.grad`
-is ever formed. Passes therefore run with the weights frozen and only the embedding output
-requiring grad (`input_gradients_only`): the backward then computes activation gradients only,
-which is about half the cost of a training backward.
+is ever formed. Passes therefore run with the weights frozen (`input_gradients_only`) and the
+graph starts at the tracked layers' outputs, which the forward hook marks as requiring grad: the
+backward computes activation gradients only (about half a training backward), and it stops at the
+first tracked layer instead of running on to the embeddings.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from quadlib.influence.layers import TrackedLayer
 
@@ -46,27 +48,33 @@ class LayerCapture:
 
     def _forward_hook(self, module_name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0].detach()  # [B, T, in]
-            for layer, index in self._uses[module_name]:
-                if index == 0:
-                    self._inputs[layer.name] = x
-                elif self._inputs.get(layer.name) is None or self._inputs[layer.name].data_ptr() != x.data_ptr():
-                    raise ValueError(f"{module_name} does not share its input with {layer.parts[0].module_name}; "
-                                     f"it cannot be part of the joint layer {layer.name}")
-            if output.requires_grad:
-                output.register_hook(self._backward_hook(module_name))
+            with record_function("influence.hooks"):
+                x = inputs[0].detach()  # [B, T, in]
+                for layer, index in self._uses[module_name]:
+                    if index == 0:
+                        self._inputs[layer.name] = x
+                    elif self._inputs.get(layer.name) is None or self._inputs[layer.name].data_ptr() != x.data_ptr():
+                        raise ValueError(f"{module_name} does not share its input with {layer.parts[0].module_name}; "
+                                         f"it cannot be part of the joint layer {layer.name}")
+                if torch.is_grad_enabled() and not output.requires_grad:
+                    output.requires_grad_(True)  # frozen weights, no grad upstream: the graph starts here
+                if output.requires_grad:
+                    output.register_hook(self._backward_hook(module_name))
         return hook
 
     def _backward_hook(self, module_name: str) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
-            for layer, index in self._uses[module_name]:
-                rows = layer.parts[index].rows
-                pending = self._pending.setdefault(layer.name, {})
-                pending[index] = grad if rows is None else grad[..., rows.to(grad.device)]
-                if len(pending) == len(layer.parts):
-                    delta = torch.cat([pending[i] for i in range(len(layer.parts))], dim=-1)  # [B, T, out]
-                    del self._pending[layer.name]
-                    self.consumer(layer, self._inputs.pop(layer.name), delta)
+            with record_function("influence.hooks"):
+                for layer, index in self._uses[module_name]:
+                    rows = layer.parts[index].rows
+                    pending = self._pending.setdefault(layer.name, {})
+                    pending[index] = grad if rows is None else grad[..., rows.to(grad.device)]
+                    if len(pending) == len(layer.parts):
+                        parts = [pending.pop(i) for i in range(len(layer.parts))]
+                        delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [B, T, out]
+                        del self._pending[layer.name], parts
+                        with record_function("influence.contraction"):
+                            self.consumer(layer, self._inputs.pop(layer.name), delta)
         return hook
 
     def remove(self) -> None:
@@ -87,18 +95,15 @@ def capture_layers(model: nn.Module, layers: list[TrackedLayer], consumer: Layer
 
 @contextmanager
 def input_gradients_only(model: nn.Module) -> Iterator[None]:
-    """Freeze the weights, make the embedding output require grad, switch dropout off; restore after."""
+    """Freeze the weights and switch dropout off; restore after."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     for p, _ in flags:
         p.requires_grad_(False)
     model.eval()
-    embeddings = model.get_input_embeddings()
-    handle = embeddings.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
     try:
         yield
     finally:
-        handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
@@ -108,4 +113,7 @@ def backward_pass(model: nn.Module, layers: list[TrackedLayer], consumer: LayerC
                   loss: Callable[[], torch.Tensor]) -> None:
     """One forward + activation-gradient backward of `loss()`, feeding every tracked layer to `consumer`."""
     with input_gradients_only(model), capture_layers(model, layers, consumer):
-        loss().backward()
+        with record_function("influence.forward"):
+            total = loss()
+        with record_function("influence.backward"):
+            total.backward()

@@ -8,6 +8,8 @@ is in these units (losses are mean cross-entropy per token in nats, see loss.py)
 The reference set enters as one aggregated gradient, preconditioned once per layer into V_l; a
 document's score is then sum_l sum_t delta_{b,t}^T V_l x_{b,t}, contracted inside ONE activation-
 gradient backward pass of the summed per-document losses (no per-document gradient is formed).
+The same score is the directional derivative of the document's loss along V, which the forward-
+only modes compute without a backward pass (directional.py); `InfluenceSettings.mode` picks one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quadlib.influence.capture import augment_bias, backward_pass
+from quadlib.influence.directional import (
+    ParameterDirection,
+    central_difference_scores,
+    central_difference_step,
+    jvp_scores,
+    parameter_direction,
+)
 from quadlib.influence.kfac import (
     DAMPING_MODES,
     FISHER_MODES,
@@ -47,6 +56,11 @@ class InfluenceSettings:
     layer_filter: str = setting("", "regular expression over tracked layer names; empty = every MLP/attention layer")
     batch_size: int = setting(8, "documents per forward/backward pass")
     seed: int = setting(0, "seed of the sampled Fisher labels")
+    mode: str = setting("reverse", "how a document's score is computed: reverse (contraction inside one activation-"
+                                   "gradient backward, exact), jvp (forward-mode AD along V, exact), "
+                                   "central_difference (two no-grad forwards at theta +- eps V); the cosine "
+                                   "estimator needs ||grad z|| and always runs reverse")
+    fd_step: float = setting(1e-3, "central_difference: relative step c, eps = c ||theta_tracked|| / ||V||")
 
     def __post_init__(self) -> None:
         if self.damping_mode not in DAMPING_MODES:
@@ -55,7 +69,13 @@ class InfluenceSettings:
             raise ValueError(f"fisher {self.fisher!r} is not one of {FISHER_MODES}")
         if self.damping < 0 or self.batch_size < 1:
             raise ValueError("damping must be >= 0 and batch_size >= 1")
+        if self.mode not in SCORING_MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {SCORING_MODES}")
+        if not 0 < self.fd_step < 1:
+            raise ValueError(f"fd_step must be in (0, 1), got {self.fd_step}")
 
+
+SCORING_MODES = ("reverse", "jvp", "central_difference")
 
 PRESETS: dict[str, InfluenceSettings] = {
     "default": InfluenceSettings(),
@@ -132,6 +152,7 @@ class InfluenceEstimator:
         self.direction: dict[str, torch.Tensor] = {}  # V_l [out, in(+1)], float64
         self.reference_norm = 0.0  # ||grad L(D_ref)|| over tracked layers (cosine)
         self._cast: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self._tangents: dict[tuple[torch.dtype, torch.device, float], tuple[ParameterDirection, float]] = {}
 
     def _bind(self, model: nn.Module) -> None:
         layers = discover_layers(model, self.spec.groups, self.settings.layer_filter)
@@ -175,6 +196,7 @@ class InfluenceEstimator:
         self.reference_norm = math.sqrt(sum(float(g.square().sum()) for g in gradients.values()))
         self.direction = {name: self.precondition(name, g) for name, g in gradients.items()}
         self._cast.clear()
+        self._tangents.clear()
 
     def _direction_as(self, name: str, like: torch.Tensor) -> torch.Tensor:
         key = (name, like.dtype, like.device)
@@ -182,12 +204,33 @@ class InfluenceEstimator:
             self._cast[key] = self.direction[name].to(dtype=like.dtype, device=like.device)
         return self._cast[key]
 
-    # -- scoring ---------------------------------------------------------------------------
-    def score_layers(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        """Per tracked layer, each document's contribution [B] (float64); they sum to `score`."""
+    def _check_reference(self, model: nn.Module) -> None:
         if not self.direction:
             raise RuntimeError(f"call set_reference() on estimator {self.name!r} before scoring")
         self._bind(model)
+
+    def parameter_direction(self, model: nn.Module) -> tuple[ParameterDirection, float]:
+        """V on the model's weights (its dtype/device) and the central-difference step eps, cached."""
+        self._check_reference(model)
+        like = next(model.parameters())
+        key = (like.dtype, like.device, self.settings.fd_step)
+        if key not in self._tangents:
+            tangents = parameter_direction(model, self.layers, self.direction, like)
+            self._tangents[key] = (tangents, central_difference_step(model, tangents, self.settings.fd_step))
+        return self._tangents[key]
+
+    # -- scoring ---------------------------------------------------------------------------
+    @property
+    def scoring_mode(self) -> str:
+        """The mode `score` runs: the settings' mode, or reverse for cosine (it needs ||grad z||)."""
+        return "reverse" if self.spec.cosine else self.settings.mode
+
+    def score_layers(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per tracked layer, each document's contribution [B] (float64); they sum to the reverse score.
+
+        Always reverse mode: a forward-only pass gives only the total along V, not its split by layer.
+        """
+        self._check_reference(model)
         mask = batch["attention_mask"].to(torch.float64)  # [B, T]
         dots: dict[str, torch.Tensor] = {}
         squared_norms: dict[str, torch.Tensor] = {}
@@ -209,8 +252,8 @@ class InfluenceEstimator:
         return {name: dot / norms.clamp_min(torch.finfo(torch.float64).tiny) for name, dot in dots.items()}
 
     def score(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Each document's influence score [B] (float64, higher = lowers reference loss more)."""
-        return torch.stack(list(self.score_layers(model, batch).values())).sum(0)
+        """Each document's influence score [B] (float64, higher = lowers reference loss more), by `scoring_mode`."""
+        return SCORERS[self.scoring_mode](self, model, batch)
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -238,6 +281,7 @@ class InfluenceEstimator:
         self.direction = {name: tensors[f"direction/{name}"] for name in names if f"direction/{name}" in tensors}
         self.reference_norm = float(tensors["reference_norm"])
         self._cast.clear()
+        self._tangents.clear()
 
 
 def per_document_squared_norm(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, has_bias: bool) -> torch.Tensor:
@@ -253,6 +297,23 @@ def per_document_squared_norm(x: torch.Tensor, delta: torch.Tensor, mask: torch.
         return (gram_x * gram_d).sum((1, 2)).double()
     x = augment_bias(x) * mask[..., None] if has_bias else x
     return torch.einsum("bto,bti->boi", delta, x).square().sum((1, 2)).double()  # via [B, out, in]
+
+
+def _reverse_scores(estimator: InfluenceEstimator, model: nn.Module, batch: Batch) -> torch.Tensor:
+    return torch.stack(list(estimator.score_layers(model, batch).values())).sum(0)
+
+
+def _jvp_scores(estimator: InfluenceEstimator, model: nn.Module, batch: Batch) -> torch.Tensor:
+    return jvp_scores(model, batch, estimator.parameter_direction(model)[0])
+
+
+def _central_difference_scores(estimator: InfluenceEstimator, model: nn.Module, batch: Batch) -> torch.Tensor:
+    tangents, eps = estimator.parameter_direction(model)
+    return central_difference_scores(model, batch, tangents, eps)
+
+
+SCORERS: dict[str, Callable[[InfluenceEstimator, nn.Module, Batch], torch.Tensor]] = {
+    "reverse": _reverse_scores, "jvp": _jvp_scores, "central_difference": _central_difference_scores}
 
 
 def make_estimator(name: str = DEFAULT_ESTIMATOR, settings: InfluenceSettings | str | None = None) -> InfluenceEstimator:

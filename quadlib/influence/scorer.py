@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -24,6 +25,8 @@ from quadlib.influence.loss import IGNORE, Batch
 
 TextEncoder = Callable[[str], Sequence[int]]
 PASSES_PER_FIT_BATCH = {"none": 0, "kfac": 1, "ekfac": 2}
+# (passes, with backward) per scored batch; a forward with tangents costs about three forwards' FLOPs.
+PASSES_PER_SCORED_BATCH = {"reverse": (1, True), "jvp": (3, False), "central_difference": (2, False)}
 
 
 @dataclass
@@ -58,6 +61,7 @@ def encoder_for(tokenizer: PreTrainedTokenizerBase | TextEncoder | object) -> Te
     raise TypeError(f"cannot tokenise with {type(tokenizer).__name__}: pass an HF tokenizer or a callable")
 
 
+@record_function("influence.collate")
 def collate(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Batch:
     """Right-padded batch: input_ids, attention_mask and labels (-100 on padding), all [B, T]."""
     width = max(1, max(len(s) for s in sequences))
@@ -102,8 +106,8 @@ class InfluenceScorer:
             rows = order[start:start + self.batch_size]
             yield rows, collate([encoded[i] for i in rows], self.pad_id, self.device)
 
-    def _count(self, batch: Batch, passes: int = 1) -> None:
-        self.cost.add(self.n_params, int(batch["attention_mask"].sum()), passes)
+    def _count(self, batch: Batch, passes: int = 1, backward: bool = True) -> None:
+        self.cost.add(self.n_params, int(batch["attention_mask"].sum()), passes, backward)
 
     def fit_texts(self, texts: Sequence[str]) -> None:
         """Fit the estimator's curvature on pool texts."""
@@ -137,9 +141,12 @@ class InfluenceScorer:
         groups = {layer.name: (layer.group, layer.block) for layer in self.estimator.layers}
         for rows, batch in tqdm(list(self.batches([texts[i] for i in todo])), desc="scoring", leave=False):
             positions = [todo[r] for r in rows]
-            by_layer = self.estimator.score_layers(self.model, batch)
-            scores[positions] = torch.stack(list(by_layer.values())).sum(0).numpy()
-            self._count(batch)
+            if not per_layer:
+                scores[positions] = self.estimator.score(self.model, batch).cpu().numpy()
+            else:  # the split by layer needs the reverse pass, whatever the estimator's mode
+                by_layer = self.estimator.score_layers(self.model, batch)
+                scores[positions] = torch.stack(list(by_layer.values())).sum(0).numpy()
+            self._count(batch, *PASSES_PER_SCORED_BATCH["reverse" if per_layer else self.estimator.scoring_mode])
             self.cost.documents_scored += len(positions)
             if per_layer:
                 for name, values in by_layer.items():

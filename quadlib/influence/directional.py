@@ -1,0 +1,133 @@
+"""Forward-only influence scores: the directional derivative of each document's loss along V.
+
+With V = (H + lambda I)^-1 grad L(theta, D_ref) (the preconditioned reference direction, one
+[out, in(+1)] block per tracked layer), the reverse-mode score grad L(theta, z)^T V is the
+directional derivative d/de L(theta + e V, z) at e = 0 (Quad's influence formula read along V).
+It therefore needs no backward pass:
+- "jvp": forward-mode AD (`torch.func.jvp`) with tangent V on the tracked weights, exact;
+- "central_difference": (L(theta + eps V, z) - L(theta - eps V, z)) / (2 eps) from two no-grad
+  forwards, with eps = c ||theta_tracked|| / ||V|| (c = `fd_step`), i.e. a relative step c on
+  the tracked weights. Error O(eps^2) truncation plus O(u L / eps) round-off (u: unit round-off).
+The model's own parameters are never written: perturbed weights go through `functional_call`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.profiler import record_function
+from transformers.pytorch_utils import Conv1D
+
+from quadlib.influence.layers import TrackedLayer
+from quadlib.influence.loss import Batch, document_losses
+
+ParameterDirection = dict[str, torch.Tensor]  # parameter name -> tangent shaped like the parameter
+
+
+def parameter_direction(model: nn.Module, layers: list[TrackedLayer], direction: dict[str, torch.Tensor],
+                        like: torch.Tensor) -> ParameterDirection:
+    """Per-layer V [out, in(+1)] mapped back onto module weights and biases (dtype/device of `like`).
+
+    Joint layers are split back into their parts' rows (Llama q/k/v); Conv1D weights are [in, out].
+    Parameters of untracked modules get no entry (their tangent is zero).
+    """
+    modules = dict(model.named_modules())
+    out: ParameterDirection = {}
+    for layer in layers:
+        v = direction[layer.name].to(dtype=like.dtype, device=like.device)  # [out, in(+1)]
+        start = 0
+        for part in layer.parts:
+            module = modules[part.module_name]
+            weight_name, bias_name = f"{part.module_name}.weight", f"{part.module_name}.bias"
+            rows = part.rows.to(like.device) if part.rows is not None else None
+            n_rows = len(part.rows) if part.rows is not None else module.weight.shape[1 if isinstance(module, Conv1D)
+                                                                                       else 0]
+            block = v[start:start + n_rows]  # [rows, in(+1)]
+            start += n_rows
+            weight = out.setdefault(weight_name, torch.zeros_like(module.weight, dtype=like.dtype, device=like.device))
+            w_block = block[:, :layer.in_features]
+            if isinstance(module, Conv1D):  # weight [in, out]
+                weight[:, rows if rows is not None else slice(None)] = w_block.T
+            else:
+                weight[rows if rows is not None else slice(None)] = w_block
+            if layer.has_bias:
+                bias = out.setdefault(bias_name, torch.zeros_like(module.bias, dtype=like.dtype, device=like.device))
+                bias[rows if rows is not None else slice(None)] = block[:, -1]
+    return out
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch to the model's eager attention (SDPA has no forward-mode AD rule on CPU); restore after."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if config is not None and previous is not None:
+        config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        if config is not None and previous is not None:
+            config._attn_implementation = previous
+
+
+def jvp_scores(model: nn.Module, batch: Batch, tangents: ParameterDirection) -> torch.Tensor:
+    """d/de L(theta + e V, z) at e = 0 per document [B], by forward-mode AD."""
+    names = list(tangents)
+    own = dict(model.named_parameters())
+    primals = tuple(own[name].detach() for name in names)
+
+    def losses(*weights: torch.Tensor) -> torch.Tensor:
+        return document_losses(_WithParameters(model, dict(zip(names, weights, strict=True))), batch)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with eager_attention(model), torch.no_grad(), record_function("influence.forward"):
+            _, derivative = jvp(losses, primals, tuple(tangents[name] for name in names))
+    finally:
+        model.train(was_training)
+    return derivative.double()
+
+
+def central_difference_step(model: nn.Module, tangents: ParameterDirection, relative_step: float) -> float:
+    """eps = c ||theta_tracked|| / ||V||: moves the tracked weights by a relative step c."""
+    own = dict(model.named_parameters())
+    theta = math.sqrt(sum(float(own[name].detach().double().square().sum()) for name in tangents))
+    v = math.sqrt(sum(float(t.double().square().sum()) for t in tangents.values()))
+    if v == 0.0:
+        raise ValueError("the reference direction is zero; central differences need a non-zero V")
+    return relative_step * theta / v
+
+
+def central_difference_scores(model: nn.Module, batch: Batch, tangents: ParameterDirection,
+                              eps: float) -> torch.Tensor:
+    """(L(theta + eps V, z) - L(theta - eps V, z)) / (2 eps) per document [B], two no-grad forwards."""
+    own = dict(model.named_parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), record_function("influence.forward"):
+            losses = [document_losses(_WithParameters(model, {name: own[name] + sign * eps * t
+                                                              for name, t in tangents.items()}), batch).double()
+                      for sign in (1.0, -1.0)]  # each perturbed copy lives for one forward only
+    finally:
+        model.train(was_training)
+    return (losses[0] - losses[1]) / (2 * eps)
+
+
+class _WithParameters(nn.Module):
+    """`model` called with some parameters substituted (torch.func.functional_call); weights untouched."""
+
+    def __init__(self, model: nn.Module, parameters: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.__dict__["wrapped"] = model  # not registered: no parameters of its own
+        self.parameters_in_use = parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+        return functional_call(self.wrapped, self.parameters_in_use, args=(),
+                               kwargs={"input_ids": input_ids, "attention_mask": attention_mask}, strict=False)
