@@ -10,7 +10,8 @@ one set of documents and one aggregated reference query:
     separate q/k/v (its factor fit timed separately);
   - optionally TRAK (traker's CPU projector).
 The machine is shared, so every method is timed in PAIRS with a forward+backward run right before
-it; "x fwd+bwd" is the median over repeats of the pairwise time ratio, and docs/s the best time.
+it; "x fwd+bwd" is the median over repeats of the pairwise ratio of wall times and, steadier under
+other users' load, of process CPU times (all threads); docs/s and tokens/s come from the best wall time.
 Peak memory, two ways:
   live MiB  peak of live tensor bytes allocated during one call (torch.profiler memory events,
             an untimed run; tensors alive before the call, i.e. weights and estimator state, excluded);
@@ -28,7 +29,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +69,13 @@ class Config:
 @dataclass
 class Row:
     method: str
-    seconds: float
-    ratios: list[float]
+    seconds: float  # best wall time
+    cpu_seconds: float  # best process CPU time
+    ratios: list[float]  # fwd+bwd / method, wall time, per pair
+    cpu_ratios: list[float]  # the same in process CPU time
     live_mib: float | None
     rss_mib: float
     fit_seconds: float | None = None
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _reset_rss_peak() -> None:
@@ -124,23 +126,22 @@ def scoring(estimator: InfluenceEstimator, mode: str, model: torch.nn.Module, ba
     return run
 
 
-def paired(method: Callable[[], object], baseline: Callable[[], object], repeats: int
-           ) -> tuple[float, list[float], float, object]:
-    """(best seconds, per-pair baseline/method time ratios, RSS peak MiB, last result), after a warm-up."""
-    result = method()
-    best, ratios, rss = float("inf"), [], 0.0
+def paired(method: Callable[[], object], baseline: Callable[[], object], repeats: int) -> tuple[Row, object]:
+    """Timed (fwd+bwd, method) pairs; the Row's method name, memory and fit time are filled by the caller."""
+    result, wall, cpu, ratios, cpu_ratios, rss = None, [], [], [], [], 0.0
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         baseline()
-        base_seconds = time.perf_counter() - start
+        base_wall, base_cpu = time.perf_counter() - start, time.process_time() - cpu_start
         _reset_rss_peak()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = method()
-        seconds = time.perf_counter() - start
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         rss = max(rss, _rss_peak_mib())
-        best = min(best, seconds)
-        ratios.append(base_seconds / seconds)
-    return best, ratios, rss, result
+        ratios.append(base_wall / wall[-1])
+        cpu_ratios.append(base_cpu / cpu[-1])
+    return Row("", min(wall), min(cpu), ratios, cpu_ratios, None, rss), result
 
 
 def phase_profile(fn: Callable[[], object]) -> dict[str, float]:
@@ -174,10 +175,11 @@ def run_config(config: Config, args: argparse.Namespace) -> tuple[list[Row], dic
     scores: dict[str, np.ndarray] = {}
 
     def measure(method: str, fn: Callable[[], object], fit_seconds: float | None = None) -> object:
-        live = live_peak_mib(fn)
-        seconds, ratios, rss, result = paired(fn, baseline, args.repeats)
-        rows.append(Row(method, seconds, ratios, live, rss, fit_seconds))
-        print(f"  {method}: {seconds:.2f} s, x fwd+bwd {statistics.median(ratios):.2f}, live {live:.0f} MiB", flush=True)
+        live = live_peak_mib(fn)  # also the warm-up run
+        row, result = paired(fn, baseline, args.repeats)
+        rows.append(replace(row, method=method, live_mib=live, fit_seconds=fit_seconds))
+        print(f"  {method}: {row.seconds:.2f} s, x fwd+bwd wall {statistics.median(row.ratios):.2f}, CPU "
+              f"{statistics.median(row.cpu_ratios):.2f}, live {live:.0f} MiB", flush=True)
         return result
 
     measure("forward+backward (training step)", baseline)
@@ -206,19 +208,21 @@ def run_config(config: Config, args: argparse.Namespace) -> tuple[list[Row], dic
         indep = make_estimator("kfac_attn_indep")
         indep.fit(model, fit[:1])
         modules = sorted({part.module_name for layer in indep.layers for part in layer.parts})
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         baseline()
-        base_seconds = time.perf_counter() - start
+        base_wall, base_cpu = time.perf_counter() - start, time.process_time() - cpu_start
         _reset_rss_peak()
         peer = kronfluence_scores(model, modules, fit, reference, documents, damping=None, dtype=torch.float32)
-        rows.append(Row("kronfluence 1.0.1 kfac (pairwise, 1 query set)", peer.score_seconds,
-                        [base_seconds / peer.score_seconds], None, _rss_peak_mib(), peer.fit_seconds))
+        rows.append(Row("kronfluence 1.0.1 kfac (pairwise, 1 query set)", peer.score_seconds, peer.score_cpu_seconds,
+                        [base_wall / peer.score_seconds], [base_cpu / peer.score_cpu_seconds], None, _rss_peak_mib(),
+                        peer.fit_seconds))
         scores["kronfluence_kfac"] = peer.scores
     if args.trak:
         _reset_rss_peak()
         trak = trak_scores(model, fit, reference, documents, proj_dim=args.trak_proj_dim)
         rows.append(Row(f"TRAK (traker BasicProjector, proj_dim {args.trak_proj_dim})", trak.score_seconds,
-                        [rows[0].seconds / trak.score_seconds], None, _rss_peak_mib(), trak.fit_seconds))
+                        trak.score_cpu_seconds, [rows[0].seconds / trak.score_seconds],
+                        [rows[0].cpu_seconds / trak.score_cpu_seconds], None, _rss_peak_mib(), trak.fit_seconds))
     if "kronfluence_kfac" in scores and "kfac_attn_indep" in scores:
         a, k = scores["kfac_attn_indep"], scores["kronfluence_kfac"]
         print(f"  peer cross-check: quad kfac_attn_indep vs Kronfluence kfac: Pearson {np.corrcoef(a, k)[0, 1]:.6f}, "
@@ -236,15 +240,17 @@ def run_config(config: Config, args: argparse.Namespace) -> tuple[list[Row], dic
 
 
 def print_table(rows: list[Row], n_docs: int, n_tokens: int) -> None:
-    kronfluence = next((row.seconds for row in rows if row.method.startswith("kronfluence")), None)
-    print("\n| method | docs/s | tokens/s | x fwd+bwd (median of pairs) | x Kronfluence | live MiB | RSS MiB | fit s |")
-    print("|---|---|---|---|---|---|---|---|")
+    kronfluence = next((row for row in rows if row.method.startswith("kronfluence")), None)
+    print("\n| method | docs/s | tokens/s | x fwd+bwd (wall) | x fwd+bwd (CPU) | x Kronfluence (CPU) | live MiB | "
+          "RSS MiB | fit s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        vs_peer = f"{kronfluence / row.seconds:.2f}" if kronfluence else "-"
+        vs_peer = f"{kronfluence.cpu_seconds / row.cpu_seconds:.2f}" if kronfluence else "-"
         live = f"{row.live_mib:.0f}" if row.live_mib is not None else "-"
         fit = f"{row.fit_seconds:.1f}" if row.fit_seconds is not None else "-"
         print(f"| {row.method} | {n_docs / row.seconds:.1f} | {n_tokens / row.seconds:.0f} | "
-              f"{statistics.median(row.ratios):.2f} | {vs_peer} | {live} | {row.rss_mib:.0f} | {fit} |")
+              f"{statistics.median(row.ratios):.2f} | {statistics.median(row.cpu_ratios):.2f} | {vs_peer} | {live} | "
+              f"{row.rss_mib:.0f} | {fit} |")
 
 
 def print_profiles(profiles: dict[str, dict[str, float]]) -> None:
@@ -273,8 +279,12 @@ def main() -> None:
     parser.add_argument("--no-kronfluence", action="store_true")
     parser.add_argument("--trak", action="store_true", help="also time TRAK (slow: per-document gradients)")
     parser.add_argument("--trak-proj-dim", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads; 1 avoids OpenMP barrier stalls when other users load the cores")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = {}
     for config in args.configs:
         rows, profiles = run_config(config, args)

@@ -72,8 +72,10 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=80)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--estimator", default="kfac_joint_qkv")
-    parser.add_argument("--fd-steps", type=float, nargs="*", default=[3e-4, 1e-3, 3e-3, 1e-2])
+    parser.add_argument("--fd-steps", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the tokenizer and warm-up checkpoints here, so a rerun resumes (default: temporary)")
     args = parser.parse_args()
     if not (args.data / "pool").is_dir():
         print(f"skipped: no pool data at {args.data.resolve()}")
@@ -84,15 +86,17 @@ def main() -> None:
     scored = pool_sample(args.data, -(-args.docs // sources), args.seed + 1)[:args.docs]
     fit = pool_sample(args.data, 8, args.seed + 2)
     reference = read_texts(args.data / "reference" / "lambada_test.jsonl.gz", 32)
-    with tempfile.TemporaryDirectory() as workdir:
-        tokenizer = train_bpe_tokenizer(train, 4096, Path(workdir) / "tokenizer")
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = args.workdir or Path(scratch)
+        tokenizer = train_bpe_tokenizer(train, 4096, workdir / "tokenizer")
         model = build_model("tiny-llama", tokenizer=tokenizer, device="cpu", seed=args.seed)
         start = time.perf_counter()
         result = train_lm(model, tokenizer, train, TrainSettings(total_steps=args.warmup_steps, batch_size=8,
                                                                  block_size=128, device="cpu"),
-                          Path(workdir) / "ckpt", resume=False, progress=False)
+                          workdir / "ckpt", resume=True, progress=False)
     print(f"tiny-llama float32, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, warm-up "
-          f"{args.warmup_steps} steps in {time.perf_counter() - start:.0f} s (last loss {result.losses[-1]:.3f}); "
+          f"{args.warmup_steps} steps ({result.resumed_from} resumed) in {time.perf_counter() - start:.0f} s "
+          f"(last loss {result.losses[-1] if result.losses else float('nan'):.3f}); "
           f"{len(scored)} pool docs from {sources} sources, max {args.max_length} tokens; estimator {args.estimator}")
 
     scorer = InfluenceScorer(model, tokenizer, make_estimator(args.estimator, InfluenceSettings(mode="reverse")),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quadlib.influence.cache import ScoreCache
-from quadlib.influence.estimators import make_estimator
+from quadlib.influence.estimators import InfluenceSettings, make_estimator
 from quadlib.influence.peers import conv1d_to_linear, kronfluence_scores
 from quadlib.influence.scorer import InfluenceScorer, collate
 from quadlib.influence.toy import random_batch, tiny_gpt2, tiny_llama
@@ -21,7 +21,9 @@ def byte_encoder(text: str) -> list[int]:
 
 
 def _scorer(estimator: str = "kfac_joint_qkv") -> InfluenceScorer:
-    scorer = InfluenceScorer(tiny_llama(), byte_encoder, estimator, max_length=24, batch_size=2, device="cpu")
+    """Reverse mode: per-layer scores (always reverse) must sum to the totals exactly."""
+    scorer = InfluenceScorer(tiny_llama(), byte_encoder, make_estimator(estimator, InfluenceSettings(mode="reverse")),
+                             max_length=24, batch_size=2, device="cpu")
     scorer.fit_texts(TEXTS + REFERENCE)
     scorer.set_reference_texts(REFERENCE)
     return scorer

@@ -108,6 +108,10 @@ def central_difference_scores(model: nn.Module, batch: Batch, tangents: Paramete
                               eps: float) -> torch.Tensor:
     """(L(theta + eps V, z) - L(theta - eps V, z)) / (2 eps) per document [B], two no-grad forwards."""
     own = dict(model.named_parameters())
+    low = sorted({str(own[name].dtype) for name in tangents if own[name].dtype in (torch.float16, torch.bfloat16)})
+    if low:
+        raise ValueError(f"central differences of a {low[0]} model lose the score to round-off (unit round-off / "
+                         "step); use mode='jvp' or 'reverse', or score a float32 copy of the model")
     was_training = model.training
     model.eval()
     try:

@@ -45,6 +45,12 @@ from quadlib.runstore import atomic_path
 from quadlib.settings import setting
 
 
+SCORING_MODES = ("reverse", "jvp", "central_difference")
+# The fastest mode that met the bar (Spearman >= 0.999 and top-5% overlap >= 0.95 against reverse on
+# real pool documents, float32 warm-up proxy; docs/influence_performance.md).
+DEFAULT_MODE = "central_difference"
+
+
 @dataclass
 class InfluenceSettings:
     """How curvature is fitted and damped, and which layers are tracked."""
@@ -56,11 +62,14 @@ class InfluenceSettings:
     layer_filter: str = setting("", "regular expression over tracked layer names; empty = every MLP/attention layer")
     batch_size: int = setting(8, "documents per forward/backward pass")
     seed: int = setting(0, "seed of the sampled Fisher labels")
-    mode: str = setting("reverse", "how a document's score is computed: reverse (contraction inside one activation-"
-                                   "gradient backward, exact), jvp (forward-mode AD along V, exact), "
-                                   "central_difference (two no-grad forwards at theta +- eps V); the cosine "
-                                   "estimator needs ||grad z|| and always runs reverse")
-    fd_step: float = setting(1e-3, "central_difference: relative step c, eps = c ||theta_tracked|| / ||V||")
+    mode: str = setting(DEFAULT_MODE, "how a document's score is computed: reverse (contraction inside one "
+                                      "activation-gradient backward, exact), jvp (forward-mode AD along V, exact), "
+                                      "central_difference (two no-grad forwards at theta +- eps V, the fastest; "
+                                      "float32 or wider models only); the cosine estimator needs ||grad z|| and "
+                                      "always runs reverse")
+    fd_step: float = setting(1e-2, "central_difference: relative step c, eps = c ||theta_tracked|| / ||V|| "
+                                   "(1e-2 was the most accurate of 3e-4..1e-2 in float32, "
+                                   "benchmarks/influence_forward_accuracy.py)")
 
     def __post_init__(self) -> None:
         if self.damping_mode not in DAMPING_MODES:
@@ -75,7 +84,6 @@ class InfluenceSettings:
             raise ValueError(f"fd_step must be in (0, 1), got {self.fd_step}")
 
 
-SCORING_MODES = ("reverse", "jvp", "central_difference")
 
 PRESETS: dict[str, InfluenceSettings] = {
     "default": InfluenceSettings(),

@@ -31,6 +31,7 @@ class PeerResult:
     scores: np.ndarray  # [n_docs], aggregated over the reference set, higher = lowers reference loss more
     fit_seconds: float
     score_seconds: float
+    score_cpu_seconds: float  # process CPU time of scoring (all threads): steadier than wall time on a shared machine
 
 
 def conv1d_to_linear(model: nn.Module) -> nn.Module:
@@ -103,15 +104,15 @@ def kronfluence_scores(model: nn.Module, module_names: list[str], fit_batches: l
         start = time.perf_counter()
         analyzer.fit_all_factors("factors", _Rows(fit_batches), per_device_batch_size=width, factor_args=factor_args,
                                  overwrite_output_dir=True)
-        fitted = time.perf_counter()
+        fitted, cpu_start = time.perf_counter(), time.process_time()
         analyzer.compute_pairwise_scores("scores", "factors", _Rows(reference), _Rows(documents),
                                          per_device_query_batch_size=_rows_in(reference[0]),
                                          per_device_train_batch_size=_rows_in(documents[0]), score_args=score_args,
                                          overwrite_output_dir=True)
-        done = time.perf_counter()
+        done, cpu_done = time.perf_counter(), time.process_time()
         pairwise = analyzer.load_pairwise_scores("scores")["all_modules"]  # [n_reference, n_docs]
     # Kronfluence's pairwise score is grad_query^T P grad_train (positive = helpful), like ours.
-    return PeerResult(pairwise.sum(0).double().numpy(), fitted - start, done - fitted)
+    return PeerResult(pairwise.sum(0).double().numpy(), fitted - start, done - fitted, cpu_done - cpu_start)
 
 
 def _flat_gradient(model: nn.Module, loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -140,6 +141,6 @@ def trak_scores(model: nn.Module, fit_batches: list[Batch], reference: list[Batc
     phi = features(fit_batches)
     kernel_inverse = torch.linalg.pinv(phi.T @ phi)
     reference_feature = features(reference).mean(0)
-    fitted = time.perf_counter()
+    fitted, cpu_start = time.perf_counter(), time.process_time()
     scores = features(documents) @ kernel_inverse @ reference_feature
-    return PeerResult(scores.numpy(), fitted - start, time.perf_counter() - fitted)
+    return PeerResult(scores.numpy(), fitted - start, time.perf_counter() - fitted, time.process_time() - cpu_start)
