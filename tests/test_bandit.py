@@ -198,3 +198,18 @@ def test_bandit_figures_draw_from_a_replay(setup):
     exploring = sweep.set_index("alpha")
     assert exploring.loc[1.0, "entropy"] > exploring.loc[0.0, "entropy"]  # a large alpha spreads the pulls
     assert exploring.loc[1.0, "mean_influence"] < exploring.loc[0.0, "mean_influence"]  # ... at a quality cost
+
+
+def test_cost_counts_cached_scores_too(setup, tmp_path):
+    """A method's cost is its standalone cost: a warm cache changes `calls`, not `cost`."""
+    pool, assignments, truth = setup
+    texts = dict(zip(pool["id"], pool["text"], strict=True))
+    by_text = {texts[i]: v for i, v in truth.items()}
+    n_tokens = dict(zip(pool["id"], pool["n_tokens"], strict=True))
+    cache = tmp_path / "scores.parquet"
+    cold = CachingScorer(lambda batch: np.array([by_text[t] for t in batch]), texts, n_tokens, cache, n_params=10)
+    run_bandit(pool, assignments, cold, settings(), progress=False)
+    warm = CachingScorer(lambda batch: np.array([by_text[t] for t in batch]), texts, n_tokens, cache, n_params=10)
+    run_bandit(pool, assignments, warm, settings(), progress=False)
+    assert cold.calls > 0 and warm.calls == 0
+    assert warm.cost == cold.cost and warm.cost.docs_scored > 0

@@ -83,7 +83,7 @@ class CachingScorer:
     """A `DocScorer` over a text-scoring function, cached by id in `quadlib.influence.cache.ScoreCache`.
 
     Only cache misses reach `score_texts`; `calls` counts those invocations, so a replay can prove
-    it computed nothing. Cost assumes one forward and one backward pass per scored document (a
+    it computed nothing. `cost` counts every document asked for, cached or not. Cost assumes one forward and one backward pass per scored document (a
     per-example gradient, as influence estimators need); pass `passes=(1, 0)` for forward-only
     scorers. Name the cache file after the estimator, reference and model: one file, one identity.
     """
@@ -116,12 +116,15 @@ class CachingScorer:
                 raise ValueError(f"score_texts returned shape {values.shape} for {len(missing)} texts")
             self.calls += 1
             self.cache.put(missing, values)
-            tokens = sum(int(self.n_tokens[i]) for i in missing)
-            forward, backward = self.passes
-            self.cost.docs_scored += len(missing)
-            self.cost.add_forward(forward * len(missing), forward * tokens, self.n_params)
-            if backward:
-                self.cost.add_backward(backward * len(missing), backward * tokens, self.n_params)
+        # A method's cost is what its scoring would cost on its own: cache hits count too, so
+        # methods compare fairly whatever ran before them (`calls` shows what was really computed).
+        unique = list(dict.fromkeys(ids))
+        tokens = sum(int(self.n_tokens[i]) for i in unique)
+        forward, backward = self.passes
+        self.cost.docs_scored += len(unique)
+        self.cost.add_forward(forward * len(unique), forward * tokens, self.n_params)
+        if backward:
+            self.cost.add_backward(backward * len(unique), backward * tokens, self.n_params)
         known = self.cache.get(ids)
         return np.array([known[i] for i in ids], dtype=np.float64)
 
