@@ -30,7 +30,7 @@ def _eager(layout: str) -> nn.Module:
 
 def _fitted(model: nn.Module, name: str, mode: str) -> InfluenceEstimator:
     estimator = make_estimator(name, InfluenceSettings(seed=3, mode=mode))
-    estimator.fit(model, [random_batch(4, 10, VOCAB, seed=s, lengths=[10, 7, 10, 4]) for s in (1, 2)])
+    estimator.fit(model, [random_batch(4, 10, VOCAB, seed=1, lengths=[10, 7, 10, 4])])
     estimator.set_reference(model, [random_batch(3, 9, VOCAB, seed=11, lengths=[9, 9, 5])])
     return estimator
 
@@ -75,8 +75,8 @@ def test_scorer_runs_the_estimators_mode_and_cosine_stays_reverse() -> None:
     model = _eager("llama")
     texts = ["the cat sat on the mat", "dogs bark", "a b c d e f g"]
 
-    def scores(mode: str, name: str = "kfac_joint_qkv") -> tuple[np.ndarray, int]:
-        estimator = make_estimator(name, InfluenceSettings(mode=mode))
+    def scores(mode: str) -> tuple[np.ndarray, int]:
+        estimator = make_estimator("kfac_joint_qkv", InfluenceSettings(mode=mode))
         scorer = InfluenceScorer(model, lambda text: [2 + b % 60 for b in text.encode()], estimator,
                                  max_length=16, batch_size=2, device="cpu")
         scorer.fit_texts(texts)
@@ -87,6 +87,5 @@ def test_scorer_runs_the_estimators_mode_and_cosine_stays_reverse() -> None:
     np.testing.assert_allclose(forward, reverse, rtol=1e-6, atol=1e-10)
     assert forward_backwards == reverse_backwards - 2, "two scored batches, no backward pass in jvp mode"
     assert make_estimator("cosine", InfluenceSettings(mode="jvp")).scoring_mode == "reverse"
-    np.testing.assert_allclose(scores("jvp", "cosine")[0], scores("reverse", "cosine")[0], rtol=1e-12)
     with pytest.raises(ValueError, match="mode"):
         InfluenceSettings(mode="finite")

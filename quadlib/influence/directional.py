@@ -8,7 +8,8 @@ It therefore needs no backward pass:
 - "central_difference": (L(theta + eps V, z) - L(theta - eps V, z)) / (2 eps) from two no-grad
   forwards, with eps = c ||theta_tracked|| / ||V|| (c = `fd_step`), i.e. a relative step c on
   the tracked weights. Error O(eps^2) truncation plus O(u L / eps) round-off (u: unit round-off).
-The model's own parameters are never written: perturbed weights go through `functional_call`.
+jvp substitutes dual tensors through `functional_call`; the central difference swaps each tracked
+module's weights for perturbed copies only while that module runs and puts the originals back.
 """
 
 from __future__ import annotations
@@ -29,36 +30,81 @@ from quadlib.influence.loss import Batch, document_losses
 ParameterDirection = dict[str, torch.Tensor]  # parameter name -> tangent shaped like the parameter
 
 
-def parameter_direction(model: nn.Module, layers: list[TrackedLayer], direction: dict[str, torch.Tensor],
-                        like: torch.Tensor) -> ParameterDirection:
-    """Per-layer V [out, in(+1)] mapped back onto module weights and biases (dtype/device of `like`).
+def parameter_direction(model: nn.Module, layers: list[TrackedLayer], direction: dict[str, torch.Tensor]
+                        ) -> ParameterDirection:
+    """Per-layer V [out, in(+1)] mapped back onto module weights and biases, in V's dtype and device.
 
     Joint layers are split back into their parts' rows (Llama q/k/v); Conv1D weights are [in, out].
+    A module that is one whole part gets VIEWS of V (no copy); only a module split into several
+    layers by rows (GPT-2's c_attn as independent Q, K, V) gets a tensor of its own.
     Parameters of untracked modules get no entry (their tangent is zero).
     """
     modules = dict(model.named_modules())
     out: ParameterDirection = {}
     for layer in layers:
-        v = direction[layer.name].to(dtype=like.dtype, device=like.device)  # [out, in(+1)]
+        v = direction[layer.name]  # [out, in(+1)]
         start = 0
         for part in layer.parts:
             module = modules[part.module_name]
-            weight_name, bias_name = f"{part.module_name}.weight", f"{part.module_name}.bias"
-            rows = part.rows.to(like.device) if part.rows is not None else None
-            n_rows = len(part.rows) if part.rows is not None else module.weight.shape[1 if isinstance(module, Conv1D)
-                                                                                       else 0]
+            conv = isinstance(module, Conv1D)  # weight [in, out]
+            n_rows = len(part.rows) if part.rows is not None else module.weight.shape[1 if conv else 0]
             block = v[start:start + n_rows]  # [rows, in(+1)]
             start += n_rows
-            weight = out.setdefault(weight_name, torch.zeros_like(module.weight, dtype=like.dtype, device=like.device))
-            w_block = block[:, :layer.in_features]
-            if isinstance(module, Conv1D):  # weight [in, out]
-                weight[:, rows if rows is not None else slice(None)] = w_block.T
+            weight, bias = block[:, :layer.in_features], block[:, -1] if layer.has_bias else None
+            weight = weight.T if conv else weight  # the module's own layout
+            names = (f"{part.module_name}.weight", f"{part.module_name}.bias")
+            if part.rows is None:
+                out[names[0]] = weight
+                if bias is not None:
+                    out[names[1]] = bias
+                continue
+            rows = part.rows.to(v.device)
+            full = out.setdefault(names[0], torch.zeros_like(module.weight, dtype=v.dtype, device=v.device))
+            if conv:
+                full[:, rows] = weight
             else:
-                weight[rows if rows is not None else slice(None)] = w_block
-            if layer.has_bias:
-                bias = out.setdefault(bias_name, torch.zeros_like(module.bias, dtype=like.dtype, device=like.device))
-                bias[rows if rows is not None else slice(None)] = block[:, -1]
+                full[rows] = weight
+            if bias is not None:
+                out.setdefault(names[1], torch.zeros_like(module.bias, dtype=v.dtype, device=v.device))[rows] = bias
     return out
+
+
+@contextmanager
+def perturbed_weights(model: nn.Module, tangents: ParameterDirection, scale: float) -> Iterator[None]:
+    """Each tracked module computes with theta + scale * V only while it runs, so one layer's perturbed
+    copy exists at a time; its original tensors are put back after, so the model is restored exactly."""
+    by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for name, tangent in tangents.items():
+        module_name, leaf = name.rsplit(".", 1)
+        by_module.setdefault(module_name, []).append((leaf, tangent))
+    originals: dict[tuple[str, str], torch.Tensor] = {}
+
+    def restore(module_name: str, module: nn.Module) -> None:
+        for leaf, _ in by_module[module_name]:
+            if (module_name, leaf) in originals:
+                getattr(module, leaf).data = originals.pop((module_name, leaf))
+
+    def hooks(module_name: str) -> tuple[object, object]:
+        def before(module: nn.Module, args: tuple[object, ...]) -> None:
+            for leaf, tangent in by_module[module_name]:
+                parameter = getattr(module, leaf)
+                originals[(module_name, leaf)] = parameter.data
+                parameter.data = parameter.data + scale * tangent
+        return before, lambda module, args, output: restore(module_name, module)
+
+    modules = dict(model.named_modules())
+    handles = []
+    for module_name in by_module:
+        before, after = hooks(module_name)
+        handles += [modules[module_name].register_forward_pre_hook(before),
+                    modules[module_name].register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module_name in by_module:
+            restore(module_name, modules[module_name])  # after an exception mid-forward
 
 
 @contextmanager
@@ -114,11 +160,12 @@ def central_difference_scores(model: nn.Module, batch: Batch, tangents: Paramete
                          "step); use mode='jvp' or 'reverse', or score a float32 copy of the model")
     was_training = model.training
     model.eval()
+    losses = []
     try:
         with torch.no_grad(), record_function("influence.forward"):
-            losses = [document_losses(_WithParameters(model, {name: own[name] + sign * eps * t
-                                                              for name, t in tangents.items()}), batch).double()
-                      for sign in (1.0, -1.0)]  # each perturbed copy lives for one forward only
+            for sign in (1.0, -1.0):
+                with perturbed_weights(model, tangents, sign * eps):
+                    losses.append(document_losses(model, batch).double())
     finally:
         model.train(was_training)
     return (losses[0] - losses[1]) / (2 * eps)

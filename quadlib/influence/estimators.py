@@ -223,7 +223,8 @@ class InfluenceEstimator:
         like = next(model.parameters())
         key = (like.dtype, like.device, self.settings.fd_step)
         if key not in self._tangents:
-            tangents = parameter_direction(model, self.layers, self.direction, like)
+            cast = {layer.name: self._direction_as(layer.name, like) for layer in self.layers}  # shared with reverse
+            tangents = parameter_direction(model, self.layers, cast)
             self._tangents[key] = (tangents, central_difference_step(model, tangents, self.settings.fd_step))
         return self._tangents[key]
 
