@@ -84,7 +84,6 @@ class InfluenceSettings:
             raise ValueError(f"fd_step must be in (0, 1), got {self.fd_step}")
 
 
-
 PRESETS: dict[str, InfluenceSettings] = {
     "default": InfluenceSettings(),
     # Kronfluence's heuristic damping (0.1 x mean eigenvalue) with the data's labels: the peer cross-check.
