@@ -134,7 +134,7 @@ def main() -> None:
           f"warm-up loss {loss:.3f} nats/token after {args.warmup_steps} steps; fit {args.fit_docs} docs, "
           f"reference {args.reference_docs}, scored {args.docs}, {args.tokens} tokens each")
 
-    settings = InfluenceSettings(damping=DAMPING, damping_mode="relative", fisher="empirical")
+    settings = InfluenceSettings(damping=DAMPING, damping_mode="relative", fisher="empirical", mode="reverse")
     estimated = {}
     for name in ESTIMATORS:
         estimator = make_estimator(name, settings)
