@@ -113,13 +113,17 @@ def prepare_scorer(store: RunStore, model: PreTrainedModel, tokenizer: PreTraine
     cache per (proxy, estimator, settings) identity, so replays never recompute a score.
     """
     proxy_config = store.read_config("proxy") or {}
-    identity = _identity({"proxy": proxy_config.get("params"), "score": asdict(settings)})
+    # The resolved estimator settings (damping, Fisher kind, scoring mode) are part of the identity:
+    # a changed preset or library default must not mix two kinds of score in one cache.
+    resolved = asdict(PRESETS[settings.preset])
+    identity = _identity({"proxy": proxy_config.get("params"), "score": asdict(settings), "estimator": resolved})
     step = f"{INFLUENCE_STEP}/{settings.estimator}-{identity}"
     folder = store.step_dir(step)
     estimator = make_estimator(settings.estimator, PRESETS[settings.preset])
     scorer = InfluenceScorer(model, tokenizer, estimator, max_length=settings.max_length)
     state = folder / "estimator.safetensors"
-    if store.begin(step, {"score": settings, "proxy": proxy_config.get("params")}, seed=settings.seed):
+    if store.begin(step, {"score": settings, "estimator": resolved, "proxy": proxy_config.get("params")},
+                   seed=settings.seed):
         estimator.load(model, state)
     else:
         pool = read_corpus(store, columns=["id", "text"])

@@ -75,3 +75,11 @@ def test_rerun_reuses_every_artifact(run: RunStore) -> None:
     ctx, scorer = _context(run)  # a fresh process's view: everything comes from the run folder
     run_selections(run, ctx, _plan(ctx))
     assert scorer.calls == 0
+
+
+def test_estimator_settings_key_the_score_cache(run: RunStore) -> None:
+    model, tokenizer = load_proxy(run)
+    base = ScoreSettings(fit_docs=48, reference_docs=48, max_length=64)
+    _, default = prepare_scorer(run, model, tokenizer, base)
+    _, light = prepare_scorer(run, model, tokenizer, ScoreSettings(**{**base.__dict__, "preset": "light_damping"}))
+    assert default.cache.path != light.cache.path
