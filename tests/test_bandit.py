@@ -141,13 +141,21 @@ def test_resume_after_a_crash_gives_the_uninterrupted_selection(setup, tmp_path)
     assert again.calls == 0  # a finished run is read back, not recomputed
 
 
-def test_replay_from_the_cache_scores_nothing(setup, tmp_path):
-    pool, assignments, truth = setup
+def _truth_scorer(setup, cache, n_params=1000):
+    """A CachingScorer over the hidden true scores, with the texts and token counts it needs."""
+    pool, _, truth = setup
     texts = dict(zip(pool["id"], pool["text"], strict=True))
     by_text = {texts[i]: v for i, v in truth.items()}
     n_tokens = dict(zip(pool["id"], pool["n_tokens"], strict=True))
+    scorer = CachingScorer(lambda batch: np.array([by_text[t] for t in batch]), texts, n_tokens, cache,
+                           n_params=n_params)
+    return scorer, texts, n_tokens
+
+
+def test_replay_from_the_cache_scores_nothing(setup, tmp_path):
+    pool, assignments, truth = setup
     cache = tmp_path / "scores.parquet"
-    live = CachingScorer(lambda batch: np.array([by_text[t] for t in batch]), texts, n_tokens, cache, n_params=1000)
+    live, texts, n_tokens = _truth_scorer(setup, cache)
     result = run_bandit(pool, assignments, live, settings(), progress=False)
     assert live.calls > 0 and live.cost.flops == 6 * 1000 * live.cost.tokens
 
@@ -202,14 +210,11 @@ def test_bandit_figures_draw_from_a_replay(setup):
 
 def test_cost_counts_cached_scores_too(setup, tmp_path):
     """A method's cost is its standalone cost: a warm cache changes `calls`, not `cost`."""
-    pool, assignments, truth = setup
-    texts = dict(zip(pool["id"], pool["text"], strict=True))
-    by_text = {texts[i]: v for i, v in truth.items()}
-    n_tokens = dict(zip(pool["id"], pool["n_tokens"], strict=True))
+    pool, assignments, _ = setup
     cache = tmp_path / "scores.parquet"
-    cold = CachingScorer(lambda batch: np.array([by_text[t] for t in batch]), texts, n_tokens, cache, n_params=10)
+    cold, _, _ = _truth_scorer(setup, cache, n_params=10)
     run_bandit(pool, assignments, cold, settings(), progress=False)
-    warm = CachingScorer(lambda batch: np.array([by_text[t] for t in batch]), texts, n_tokens, cache, n_params=10)
+    warm, _, _ = _truth_scorer(setup, cache, n_params=10)
     run_bandit(pool, assignments, warm, settings(), progress=False)
     assert cold.calls > 0 and warm.calls == 0
     assert warm.cost == cold.cost and warm.cost.docs_scored > 0
