@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from quadlib.runstore import RunStore
 
@@ -27,3 +28,12 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "MANIFEST.json").exists():
         pytest.skip(f"shared data not found at {SHARED_DATA.resolve()} (set QUAD_SHARED_DATA)")
     return SHARED_DATA.resolve()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; more only contend with the other test workers."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from quadlib.cluster import ClusterSettings, cluster_corpus
 from quadlib.corpus import CorpusSettings, ingest
@@ -23,9 +22,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "synthetic"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> RunStore:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def run(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> RunStore:
     store = RunStore(tmp_path_factory.mktemp("pipeline") / "run")
     ingest(store, DATA / "pool.jsonl.gz", settings=CorpusSettings(limit=400))
     ingest(store, DATA / "reference.jsonl.gz", step="reference",
@@ -36,8 +33,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> RunStore:
         model="test-llama", tokenizer_vocab=512, warmup_docs=200,
         train=TrainSettings(total_steps=30, batch_size=8, block_size=64, warmup_steps=3)))
     prepare_scorer(store, model, tokenizer, ScoreSettings(fit_docs=48, reference_docs=48, max_length=64))
-    yield store
-    torch.set_num_threads(threads)
+    return store
 
 
 def _plan(ctx) -> SelectionPlan:

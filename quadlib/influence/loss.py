@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quadlib.proxy.loss import IGNORE_INDEX
+
 Batch = dict[str, torch.Tensor]
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # one padding convention with training (quadlib.proxy.loss)
 
 
 def check_batch(batch: Batch) -> None:
