@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from eval_fixtures import tiny_model, tiny_tokenizer
 
 from quadlib.evaluation.lm_metrics import (
-    LMMetricSettings, heldout_domain_losses, lambada_metrics, lambada_requests, reference_metrics, text_losses,
+    LMMetricSettings, heldout_domain_losses, lambada_metrics, lambada_requests, reference_metrics,
+    spread_over_sources, text_losses,
 )
 
 TEXTS = ["The cat sat on the mat.", "Energy from the sun drives ecosystems on land and in water.", "x"]
@@ -101,6 +102,16 @@ def test_heldout_domain_losses_are_token_weighted_per_source(lm) -> None:
     assert out["heldout_mean"] == pytest.approx((out["heldout/web"] + out["heldout/science"]) / 2)
     with pytest.raises(ValueError, match="source"):
         heldout_domain_losses(model, tokenizer, frame[["text"]])
+
+
+def test_heldout_cap_spreads_over_sources_in_stored_order() -> None:
+    # Stored grouped by source, as ingest writes them: a plain head(4) would see only "a".
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(9)], "source": list("aaaaabbbc")})
+    capped = spread_over_sources(frame, 4)
+    assert capped["text"].tolist() == ["t0", "t1", "t5", "t8"]
+    assert spread_over_sources(frame, 6)["text"].tolist() == ["t0", "t1", "t2", "t5", "t6", "t8"]
+    assert spread_over_sources(frame, 20) is frame
+    assert spread_over_sources(frame, None) is frame
 
 
 def test_no_predicted_tokens_is_a_clear_error(lm) -> None:

@@ -135,6 +135,19 @@ def lambada_metrics(model: torch.nn.Module, tokenizer, texts: Sequence[str],
             "lambada_n": len(results)}
 
 
+def spread_over_sources(frame: pd.DataFrame, limit: int | None) -> pd.DataFrame:
+    """At most `limit` rows, taken round-robin over `source` so every domain is represented.
+
+    Held-out shards are stored in ingest order, usually grouped by source, so a plain head would
+    keep only the first domains. Within a source the stored order is kept (deterministic).
+    """
+    if limit is None or len(frame) <= limit:
+        return frame
+    rank = frame.groupby("source", sort=False).cumcount()  # position of each row within its source
+    order = np.lexsort((np.arange(len(frame)), rank.to_numpy()))
+    return frame.iloc[np.sort(order[:limit])]
+
+
 def heldout_domain_losses(model: torch.nn.Module, tokenizer, frame: pd.DataFrame,
                           settings: LMMetricSettings | None = None) -> dict[str, float]:
     """Token-weighted loss per `source` of held-out documents, plus their unweighted mean over domains.

@@ -32,7 +32,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from quadlib.corpus import read_corpus
 from quadlib.device import default_device
-from quadlib.evaluation.lm_metrics import LMMetricSettings, heldout_domain_losses, lambada_metrics, reference_metrics
+from quadlib.evaluation.lm_metrics import (LMMetricSettings, heldout_domain_losses, lambada_metrics, reference_metrics,
+                                            spread_over_sources)
 from quadlib.evaluation.tasks import TaskSettings, evaluate_tasks, task_metrics
 from quadlib.proxy import MODEL_CONFIGS, TrainSettings, build_model, save_model, train_lm
 from quadlib.runstore import RunStore, write_json_atomic
@@ -52,7 +53,8 @@ class EvalSettings:
     lambada: bool = setting(False, "also report LAMBADA last-word accuracy on the reference texts "
                                    "(set when the reference set is LAMBADA)")
     max_reference_docs: int | None = setting(None, "evaluate only the first N reference documents (None: all)")
-    max_heldout_docs: int | None = setting(None, "evaluate only the first N held-out documents (None: all)")
+    max_heldout_docs: int | None = setting(None, "evaluate at most N held-out documents, spread evenly over "
+                                                           "sources (None: all)")
     eval_dir: str | None = setting(None, "folder of the multiple-choice task files (../shared/data/eval); None skips tasks")
     tasks: list[str] | None = setting(None, "task names; None: every registered task whose file exists")
     task_limit: int | None = setting(None, "items per task (None: all)")
@@ -118,7 +120,7 @@ def evaluate_model(store: RunStore, model: PreTrainedModel, tokenizer: PreTraine
             metrics |= lambada_metrics(model, tokenizer, texts, lm)
     if settings.heldout_step is not None and store.shards(settings.heldout_step):
         frame = read_corpus(store, settings.heldout_step, columns=["text", "source"])
-        metrics |= heldout_domain_losses(model, tokenizer, frame.iloc[: settings.max_heldout_docs], lm)
+        metrics |= heldout_domain_losses(model, tokenizer, spread_over_sources(frame, settings.max_heldout_docs), lm)
     if settings.eval_dir is not None:
         metrics |= task_metrics(evaluate_tasks(model, tokenizer, settings.eval_dir, settings.task_settings()))
     return metrics
