@@ -16,7 +16,8 @@ DEFAULT_REFERENCE = "data/synthetic/reference.jsonl.gz"
 
 def demo_parameters(run: str, pool: str, reference: str, seed: int, *, eval_dir: str | None = None,
                     lambada: bool = False, ablations: bool = True, budget_fraction: float = 0.1,
-                    seeds: tuple[int, ...] = (0, 1, 2), task_limit: int | None = 200) -> dict[str, dict[str, Any]]:
+                    seeds: tuple[int, ...] = (0, 1, 2), task_limit: int | None = 200,
+                    train_tokens: int = 20_000) -> dict[str, dict[str, Any]]:
     """Papermill parameters of the main job, per notebook (the notebooks' own defaults are tiny)."""
     common = {"RUN_DIR": run, "SEED": seed}
     bandit = {"GAMMA": 0.25, "K": 4, "BATCH_SIZE": 16}
@@ -36,7 +37,7 @@ def demo_parameters(run: str, pool: str, reference: str, seed: int, *, eval_dir:
         "03_bandit": common | bandit | {"SAMPLE_SIZE": 1024, "N_ORACLE": 64,
                                         "BUDGET_FRACTION": budget_fraction},
         "04_ablate": common | {"RESULT_DIR": f"{run}-ablate/single"},
-        "05_evaluate": common | {"SEEDS": list(seeds), "TRAIN_TOKENS": 20_000, "ABLATE_DIR": f"{run}-ablate",
+        "05_evaluate": common | {"SEEDS": list(seeds), "TRAIN_TOKENS": train_tokens, "ABLATE_DIR": f"{run}-ablate",
                                  "ABLATIONS": grids if ablations else [], "ABLATE_WORKERS": 1,
                                  "EVAL_DIR": eval_dir, "TASK_LIMIT": task_limit, "LAMBADA": lambada,
                                  "MAX_REFERENCE_DOCS": 1000,
@@ -55,7 +56,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     parameters = demo_parameters(args.run, args.pool, args.reference, args.seed, eval_dir=args.eval_dir,
                                  lambada=args.lambada, ablations=not args.no_ablations,
                                  budget_fraction=args.budget_fraction, seeds=tuple(args.seeds),
-                                 task_limit=args.task_limit)
+                                 task_limit=args.task_limit, train_tokens=args.train_tokens)
     runs = run_notebooks(names, parameters, reports)
     index = write_index(reports, runs)
     print(f"[quad] done in {time.perf_counter() - start:.0f} s; report: {index.resolve()}")
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget-fraction", type=float, default=0.1,
                       help="selection budget as a fraction of the pool's tokens (every method)")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of 05_evaluate")
+    demo.add_argument("--train-tokens", type=int, default=20_000,
+                      help="tokens each method's model trains on in 05_evaluate (the same for every method)")
     demo.add_argument("--task-limit", type=int, default=200, help="items per zero-shot task")
     demo.add_argument("--no-ablations", action="store_true", help="skip the ablation grids of 05_evaluate")
     demo.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks")
