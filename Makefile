@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.quadlib-installed
 RUN ?= runs/demo
+REPORTS ?= reports
 DEMO_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -30,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
 
 report: $(STAMP)
-	$(PY) -m quadlib.cli report --run $(RUN)
+	$(PY) -m quadlib.cli report --reports $(REPORTS)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

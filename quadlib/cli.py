@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quadlib.reports import NOTEBOOKS, REPO_ROOT, run_notebooks, write_index
+from quadlib.reports import NOTEBOOKS, REPO_ROOT, build_report, run_notebooks
 from quadlib.synthetic import write_default_data
 
 DEFAULT_POOL = "data/synthetic/pool.jsonl.gz"
@@ -57,9 +57,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
                                  lambada=args.lambada, ablations=not args.no_ablations,
                                  budget_fraction=args.budget_fraction, seeds=tuple(args.seeds),
                                  task_limit=args.task_limit, train_tokens=args.train_tokens)
-    runs = run_notebooks(names, parameters, reports)
-    index = write_index(reports, runs)
-    print(f"[quad] done in {time.perf_counter() - start:.0f} s; report: {index.resolve()}")
+    run_notebooks(names, parameters, reports)
+    report = build_report(reports)
+    print(f"[quad] done in {time.perf_counter() - start:.0f} s; report: {report.resolve()}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    report = build_report(Path(args.reports))
+    print(f"[quad] report: {report.resolve()}")
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
@@ -109,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-ablations", action="store_true", help="skip the ablation grids of 05_evaluate")
     demo.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks")
     demo.set_defaults(func=cmd_demo)
+
+    report = sub.add_parser("report", help="render reports/ again from its executed notebooks (report.html, "
+                                           "one page per notebook, index.html)")
+    report.add_argument("--reports", default="reports", help="folder of executed notebooks written by `quad demo`")
+    report.set_defaults(func=cmd_report)
 
     ing = sub.add_parser("ingest", help="validate and shard a pool and a reference set into a run folder")
     ing.add_argument("--run", required=True)

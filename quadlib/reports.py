@@ -1,22 +1,24 @@
 """Notebook execution (papermill) and offline HTML reports under `reports/`.
 
-The notebooks are the recipes; this module runs them in batch with parameters and renders each
-executed notebook as an HTML page whose plotly figures work offline (plotly.js embedded, because
-nbconvert drops plotly's default JSON-only output).
+The notebooks are the recipes; this module runs them in batch with parameters and renders the
+executed notebooks as HTML whose plotly figures work offline (plotly.js embedded, because nbconvert
+drops plotly's default JSON-only output): one page per notebook, and `report.html` with every
+notebook's figures and tables on one page.
 """
 
 from __future__ import annotations
 
 import html
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_cluster", "02_score", "03_bandit", "04_ablate", "05_evaluate")
 REPORT_RENDERER = "plotly_mimetype+notebook"
+PLOTLY_BUNDLE_MARKER = "window.PlotlyConfig"
+REPORT_PAGE = "report.html"
 
 
 def notebook_setup() -> None:
@@ -28,16 +30,6 @@ def notebook_setup() -> None:
 
     os.chdir(REPO_ROOT)  # nbval runs notebooks from notebooks/, papermill from the root
     pio.renderers.default = REPORT_RENDERER
-
-
-@dataclass
-class NotebookRun:
-    """One executed notebook: where its output and HTML went and how long it took."""
-
-    name: str
-    output: Path
-    html: Path
-    seconds: float
 
 
 def execute_notebook(notebook: Path, output: Path, parameters: Mapping[str, Any], *,
@@ -52,37 +44,103 @@ def execute_notebook(notebook: Path, output: Path, parameters: Mapping[str, Any]
     return time.perf_counter() - start
 
 
-def render_html(executed: Path, target: Path) -> Path:
-    """An executed notebook as a standalone HTML page (input code folded into the page)."""
-    import nbformat
+def render_html(notebook: Any, target: Path, *, code: bool = True) -> Path:
+    """A notebook node as a standalone HTML page (`code=False`: outputs and markdown only)."""
     from nbconvert import HTMLExporter
 
-    nb = nbformat.read(executed, as_version=4)
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    exporter = HTMLExporter(template_name="lab", exclude_input=not code, exclude_input_prompt=not code,
+                            exclude_output_prompt=not code)
+    body, _ = exporter.from_notebook_node(notebook)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target
 
 
-def run_notebooks(names: list[str], parameters: Mapping[str, Mapping[str, Any]], reports: Path,
-                  notebooks_dir: Path = REPO_ROOT / "notebooks") -> list[NotebookRun]:
-    """Execute notebooks in order with per-notebook parameters; write `.ipynb` + `.html` pages."""
-    runs = []
+def run_notebooks(names: Sequence[str], parameters: Mapping[str, Mapping[str, Any]], reports: Path,
+                  notebooks_dir: Path = REPO_ROOT / "notebooks") -> None:
+    """Execute notebooks in order with per-notebook parameters into `reports/<name>.ipynb`."""
     for name in names:
         output = reports / f"{name}.ipynb"
         seconds = execute_notebook(notebooks_dir / f"{name}.ipynb", output, parameters.get(name, {}))
-        runs.append(NotebookRun(name, output, render_html(output, reports / f"{name}.html"), seconds))
-        print(f"[quad] {name}: {seconds:.0f} s -> {runs[-1].html}", flush=True)
-    return runs
+        print(f"[quad] {name}: {seconds:.0f} s -> {output}", flush=True)
 
 
-def write_index(reports: Path, runs: list[NotebookRun], title: str = "Quad Workbench report") -> Path:
-    """`reports/index.html`: links to every page with its run time."""
-    rows = "\n".join(
-        f'<li><a href="{html.escape(r.html.name)}">{html.escape(r.name)}</a> ({r.seconds:.0f} s)</li>' for r in runs
-    )
+def _is_plotly_bundle(output: Mapping[str, Any]) -> bool:
+    """The output cell through which plotly's notebook renderer embeds plotly.js (about 4.8 MB)."""
+    page = output.get("data", {}).get("text/html", "")
+    page = "".join(page) if isinstance(page, list) else page
+    return PLOTLY_BUNDLE_MARKER in page and len(page) > 1_000_000
+
+
+def _report_outputs(outputs: list[Any], bundle_seen: bool) -> tuple[list[Any], bool]:
+    """Outputs worth a reader's eye: no stderr (warnings, progress bars), plotly.js only once."""
+    kept = []
+    for output in outputs:
+        if output.get("output_type") == "stream" and output.get("name") == "stderr":
+            continue
+        if _is_plotly_bundle(output):
+            if bundle_seen:
+                continue
+            bundle_seen = True
+        kept.append(output)
+    return kept, bundle_seen
+
+
+def combine_notebooks(executed: Sequence[Path]) -> Any:
+    """One notebook holding every executed notebook in order, each under a heading with its
+    papermill parameters and run time; parameter cells and stderr dropped, plotly.js embedded once."""
+    import nbformat
+
+    combined = nbformat.v4.new_notebook()
+    bundle_seen = False
+    for path in executed:
+        nb = nbformat.read(path, as_version=4)
+        papermill = nb.metadata.get("papermill", {})
+        duration = papermill.get("duration")
+        timing = f" ({duration:.0f} s)" if isinstance(duration, (int, float)) else ""
+        parameters = ", ".join(f"`{k}={v!r}`" for k, v in papermill.get("parameters", {}).items())
+        combined.cells.append(nbformat.v4.new_markdown_cell(
+            f"# {path.stem}{timing}\n\n" + (f"Parameters: {parameters}" if parameters else "Notebook defaults.")))
+        for cell in nb.cells:
+            if {"parameters", "injected-parameters"} & set(cell.metadata.get("tags", [])):
+                continue
+            cell.id = f"{path.stem}-{cell.get('id', len(combined.cells))}"  # ids unique across notebooks
+            if cell.cell_type == "code":
+                cell.outputs, bundle_seen = _report_outputs(cell.outputs, bundle_seen)
+            combined.cells.append(cell)
+    return combined
+
+
+def build_report(reports: Path, names: Sequence[str] = NOTEBOOKS, title: str = "Quad Workbench report") -> Path:
+    """Render `reports/`: one page per executed notebook (with code), `report.html` (every
+    notebook's figures and tables on one self-contained page) and `index.html`; return report.html."""
+    import nbformat
+
+    executed = [reports / f"{name}.ipynb" for name in names if (reports / f"{name}.ipynb").exists()]
+    if not executed:
+        raise FileNotFoundError(f"{reports}: no executed notebooks ({', '.join(names)}.ipynb); run `make demo` first")
+    for path in executed:
+        render_html(nbformat.read(path, as_version=4), path.with_suffix(".html"))
+    combined = combine_notebooks(executed)
+    combined.metadata["title"] = title
+    report = render_html(combined, reports / REPORT_PAGE, code=False)
+    write_index(reports, executed, title)
+    return report
+
+
+def write_index(reports: Path, executed: Sequence[Path], title: str) -> Path:
+    """`reports/index.html`: the one-page report first, then every notebook's page with its run time."""
+    import nbformat
+
+    rows = [f'<li><a href="{REPORT_PAGE}"><b>the whole report on one page</b></a></li>']
+    for path in executed:
+        duration = nbformat.read(path, as_version=4).metadata.get("papermill", {}).get("duration")
+        timing = f" ({duration:.0f} s)" if isinstance(duration, (int, float)) else ""
+        rows.append(f'<li><a href="{html.escape(path.with_suffix(".html").name)}">{html.escape(path.stem)}</a>'
+                    f"{timing}</li>")
+    items = "\n".join(rows)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-            f"<body><h1>{html.escape(title)}</h1><ul>\n{rows}\n</ul></body></html>\n")
+            f"<body><h1>{html.escape(title)}</h1><ul>\n{items}\n</ul></body></html>\n")
     path = reports / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
