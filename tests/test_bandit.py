@@ -218,3 +218,23 @@ def test_cost_counts_cached_scores_too(setup, tmp_path):
     run_bandit(pool, assignments, warm, settings(), progress=False)
     assert cold.calls > 0 and warm.calls == 0
     assert warm.cost == cold.cost and warm.cost.docs_scored > 0
+
+
+def test_replay_explorer_starts_at_the_settings_and_redraws_with_the_moved_slider(setup, monkeypatch):
+    from quadlib.plots import replay_explorer as explorer_module
+
+    pool, assignments, truth = setup
+    scores = pd.Series(truth)
+    summary, figures = explorer_module.replay_figures(scores, pool, assignments, settings())
+    assert summary.startswith(f"{len(replay(truth, pool, assignments, settings()).ids)} documents")
+    assert len(figures) == 3 and len(figures[1].data) == len(MEANS)
+
+    drawn: list[BanditSettings] = []
+    monkeypatch.setattr(explorer_module, "replay_figures", lambda *args: drawn.append(args[3]) or ("", []))
+    explorer = explorer_module.replay_explorer(scores, pool, assignments, settings())
+    sliders = {s.description: s for s in explorer.children[0].children}
+    assert {name: sliders[name].value for name in ("tau", "gamma", "k")} == {"tau": 0.0025, "gamma": 0.25, "k": 2}
+    assert sliders["alpha"].value == pytest.approx(0.002) and sliders["k"].max == len(MEANS)
+    assert drawn == []  # building the widget draws nothing (batch runs write no widget output)
+    sliders["k"].value = 4
+    assert len(drawn) == 1 and drawn[0] == settings(k=4)
