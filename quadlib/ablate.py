@@ -10,7 +10,8 @@ the cartesian product of its axes, plus fixed parameters shared by every run. Ev
     <out>/runs/<name>/failed.json     the error of a failed run (retried on the next call)
 
 The notebook receives its grid parameters plus `RESULT_DIR` (that run's folder). Runs execute in
-parallel worker processes (each starts its own python3 kernel); a finished run is skipped, so a
+parallel worker processes (each starts its own python3 kernel, with cores / workers threads, so
+parallel runs share the cores instead of oversubscribing them); a finished run is skipped, so a
 rerun of a grid only does what is missing, and a failing run is recorded without stopping the others.
 The run name depends on the parameters only, so grids that share a parameter combination (the tau
 sweep and the threshold time cost) share its run.
@@ -26,6 +27,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import os
 import re
 import time
 import traceback
@@ -45,6 +47,7 @@ RESULT_FILE = "result.json"
 FAILED_FILE = "failed.json"
 OUTPUT_NOTEBOOK = "output.ipynb"
 RUNS_FOLDER = "runs"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -146,9 +149,13 @@ def load_grid(spec: str | Path, fixed: Mapping[str, Any] | None = None) -> list[
     return list(runs.values())
 
 
-def _execute(notebook: str, folder: str, params: dict[str, Any], cwd: str | None) -> tuple[float, str | None]:
+def _execute(notebook: str, folder: str, params: dict[str, Any], cwd: str | None,
+             threads: int) -> tuple[float, str | None]:
     """Worker: run one notebook with papermill; return (seconds, error text or None)."""
     from quadlib.reports import REPO_ROOT, execute_notebook
+
+    for variable in THREAD_VARIABLES:  # inherited by the kernel: parallel runs share the cores, not oversubscribe
+        os.environ[variable] = str(threads)
 
     start = time.perf_counter()
     try:
@@ -183,11 +190,12 @@ def run_grid(notebook: str | Path, runs: Sequence[AblationRun], out_dir: str | P
         folder = store.step_dir(step)
         (folder / FAILED_FILE).unlink(missing_ok=True)
         pending.append((run, folder))
+    threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")  # no forked copies of a parent holding torch threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {pool.submit(_execute, str(notebook), str(folder.resolve()),
                                {**run.params, RESULT_DIR_PARAM: str(folder.resolve())},
-                               str(cwd) if cwd else None): (run, folder) for run, folder in pending}
+                               str(cwd) if cwd else None, threads): (run, folder) for run, folder in pending}
         for future in tqdm(as_completed(futures), total=len(futures), desc="ablation runs", disable=not progress):
             run, folder = futures[future]
             seconds, error = future.result()

@@ -38,7 +38,7 @@ def demo_parameters(run: str, pool: str, reference: str, seed: int, *, eval_dir:
                                         "BUDGET_FRACTION": budget_fraction},
         "04_ablate": common | {"RESULT_DIR": f"{run}-ablate/single"},
         "05_evaluate": common | {"SEEDS": list(seeds), "TRAIN_TOKENS": train_tokens, "ABLATE_DIR": f"{run}-ablate",
-                                 "ABLATIONS": grids if ablations else [], "ABLATE_WORKERS": 1,
+                                 "ABLATIONS": grids if ablations else [], "ABLATE_WORKERS": 2,
                                  "EVAL_DIR": eval_dir, "TASK_LIMIT": task_limit, "LAMBADA": lambada,
                                  "MAX_REFERENCE_DOCS": 1000,
                                  "ABLATE_FIXED": bandit | {"UNITS": "score_std", "TRAIN_TOKENS": 10_000}},

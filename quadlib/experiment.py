@@ -33,8 +33,9 @@ BASE_CLUSTER_STEP = "cluster"
 class ExperimentSettings:
     method: str = setting("quad", "selector: 'quad' or a baseline such as 'topk_clusters' (Fig. 4a)")
     estimator: str = setting("kfac_joint_qkv", "influence variant (Figs. 4b/4c)")
-    n_clusters: int | None = setting(None, "k of a re-clustering (Fig. 5d); None keeps the base clusters")
-    cluster_algorithm: str = setting("faiss_kmeans", "algorithm of a re-clustering (Fig. 5c)")
+    n_clusters: int | None = setting(None, "k of a re-clustering (Fig. 5d); None: the base run's k")
+    cluster_algorithm: str = setting("faiss_kmeans", "clustering algorithm (Fig. 5c); the base run's clusters "
+                                     "are reused when it and k match them")
     alpha: float = setting(0.002, "UCB exploration weight")
     tau: float = setting(0.0025, "influence threshold")
     gamma: float = setting(0.25, "fraction of a batch kept at most")
@@ -47,13 +48,17 @@ class ExperimentSettings:
     seed: int = setting(0, "selection and training seed")
 
 
-def _clusters(base: RunStore, settings: ExperimentSettings, base_k: int) -> pd.DataFrame:
-    """The base run's clusters, or a re-clustering stored as its own step of the base run."""
-    if settings.n_clusters is None or (settings.n_clusters == base_k and settings.cluster_algorithm == "faiss_kmeans"):
+def ablation_clusters(base: RunStore, settings: ExperimentSettings) -> pd.DataFrame:
+    """The base run's clusters when k and algorithm match them, else a re-clustering stored as its
+    own step of the base run (k defaults to the base run's, so Fig. 5c compares algorithms at one k)."""
+    base_params = (base.read_config(BASE_CLUSTER_STEP) or {}).get("params", {}).get("cluster", {})
+    if not base_params:
+        raise FileNotFoundError(f"{base.root / BASE_CLUSTER_STEP}: no clusters; run 01_cluster first")
+    k = settings.n_clusters or int(base_params["k"])
+    if k == base_params["k"] and settings.cluster_algorithm == base_params["algorithm"]:
         return load_assignments(base, BASE_CLUSTER_STEP)
-    step = f"cluster-{settings.cluster_algorithm}-k{settings.n_clusters}"
-    cluster_corpus(base, ClusterSettings(k=settings.n_clusters, algorithm=settings.cluster_algorithm,
-                                         seed=settings.seed), out_step=step)
+    step = f"cluster-{settings.cluster_algorithm}-k{k}"
+    cluster_corpus(base, ClusterSettings(k=k, algorithm=settings.cluster_algorithm, seed=settings.seed), out_step=step)
     return load_assignments(base, step)
 
 
@@ -75,8 +80,7 @@ def run_experiment(base_dir: str | Path, result_dir: str | Path, settings: Exper
     model, tokenizer = load_proxy(base)
     _, scorer = load_scorer(base, model, tokenizer, settings.estimator)
     ctx = selection_context(base, scorer, model, tokenizer, seed=settings.seed)
-    base_k = int(ctx.assignments["cluster"].nunique())
-    ctx.assignments = _clusters(base, settings, base_k)
+    ctx.assignments = ablation_clusters(base, settings)
     ctx.run_dir = own.root
     budget = int(settings.budget_fraction * ctx.pool["n_tokens"].sum())
     scale = _score_scale(scorer, ctx.pool["id"].tolist(), settings.units)

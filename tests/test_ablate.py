@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -15,14 +16,15 @@ from quadlib.ablate import (
 
 
 def _notebook(path: Path) -> Path:
-    """A throwaway notebook: writes {"y": 2 X} to RESULT_DIR/result.json, or raises when FAIL."""
+    """A throwaway notebook: writes {"y": 2 X, "threads": its OMP_NUM_THREADS} to RESULT_DIR/result.json,
+    or raises when FAIL."""
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell(f"X = 1\nFAIL = False\n{RESULT_DIR_PARAM} = '.'")
     params.metadata["tags"] = ["parameters"]
     body = nbformat.v4.new_code_cell(
-        "import json, pathlib\n"
+        "import json, os, pathlib\n"
         "if FAIL:\n    raise ValueError('boom')\n"
-        f"pathlib.Path({RESULT_DIR_PARAM}, 'result.json').write_text(json.dumps({{'y': 2 * X}}))")
+        f"pathlib.Path({RESULT_DIR_PARAM}, 'result.json').write_text(json.dumps({{'y': 2 * X, 'threads': os.environ['OMP_NUM_THREADS']}}))")
     nb.cells = [params, body]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
@@ -72,6 +74,7 @@ def test_grid_runs_in_parallel_skips_done_and_records_failures(tmp_path: Path) -
     assert main(["--notebook", str(notebook), "--grid", str(spec), "--out", str(out), "--workers", "1"]) == 1
     results = collect_results(out).set_index("X")
     assert results.loc[1, "y"] == 2 and results.loc[2, "y"] == 4
+    assert results.loc[1, "threads"] == str(max(1, (os.cpu_count() or 1) // 2))  # 2 workers share the cores
     assert results.loc[1, "status"] == "done" and results.loc[3, "status"] == "failed"
     rerun = run_grid(notebook, runs[:2], out, workers=2, progress=False)
     assert rerun["status"].tolist() == ["skipped", "skipped"]

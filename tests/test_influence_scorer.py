@@ -63,6 +63,13 @@ def test_cache_recomputes_nothing_already_scored(tmp_path) -> None:
         scorer.score_texts(TEXTS, cache=cache)
 
 
+def test_cache_keeps_what_a_parallel_process_wrote(tmp_path) -> None:
+    first, second = ScoreCache(tmp_path / "s.parquet"), ScoreCache(tmp_path / "s.parquet")  # two ablation runs
+    first.put(["a", "b"], [1.0, 2.0])
+    second.put(["c"], [3.0])  # opened before "a" and "b" were written
+    assert ScoreCache(tmp_path / "s.parquet").get(["a", "b", "c"]) == {"a": 1.0, "b": 2.0, "c": 3.0}
+
+
 @pytest.mark.parametrize(("layout", "estimator"), [("llama", "kfac_attn_indep"), ("gpt2", "kfac_joint_qkv")])
 def test_kronfluence_kfac_agrees_with_ours(layout: str, estimator: str) -> None:
     """Peer cross-check with Kronfluence's heuristic damping, one K-FAC block per module it tracks:

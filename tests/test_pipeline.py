@@ -79,3 +79,15 @@ def test_estimator_settings_key_the_score_cache(run: RunStore) -> None:
     _, default = prepare_scorer(run, model, tokenizer, base)
     _, light = prepare_scorer(run, model, tokenizer, ScoreSettings(**{**base.__dict__, "preset": "light_damping"}))
     assert default.cache.path != light.cache.path
+
+
+def test_ablation_clusters_reuse_the_base_run_only_when_k_and_algorithm_match(run: RunStore) -> None:
+    from quadlib.cluster import load_assignments
+    from quadlib.experiment import ExperimentSettings, ablation_clusters
+
+    base = load_assignments(run, "cluster")
+    assert ablation_clusters(run, ExperimentSettings()).equals(base)
+    other = ablation_clusters(run, ExperimentSettings(cluster_algorithm="minibatch_kmeans"))  # Fig. 5c: same k
+    assert other["cluster"].nunique() == base["cluster"].nunique() == 8
+    assert run.is_done("cluster-minibatch_kmeans-k8")
+    assert ablation_clusters(run, ExperimentSettings(n_clusters=4))["cluster"].nunique() == 4  # Fig. 5d

@@ -16,17 +16,21 @@ from quadlib.runstore import atomic_path
 
 
 class ScoreCache:
-    """get(ids) -> {id: score} for the ids present; put(ids, scores) persists atomically."""
+    """get(ids) -> {id: score} for the ids present; put(ids, scores) persists atomically, merged
+    with what other processes wrote meanwhile (a lost race only costs a recomputation)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._scores: dict[str, float] = {}
-        if self.path.exists():
-            table = pd.read_parquet(self.path)
-            if list(table.columns) != ["id", "score"]:
-                raise ValueError(f"{self.path}: expected columns ['id', 'score'], found {list(table.columns)}; "
-                                 "delete the file to rebuild the cache")
-            self._scores = dict(zip(table["id"].astype(str), table["score"].astype(float), strict=True))
+        self._scores: dict[str, float] = self._read()
+
+    def _read(self) -> dict[str, float]:
+        if not self.path.exists():
+            return {}
+        table = pd.read_parquet(self.path)
+        if list(table.columns) != ["id", "score"]:
+            raise ValueError(f"{self.path}: expected columns ['id', 'score'], found {list(table.columns)}; "
+                             "delete the file to rebuild the cache")
+        return dict(zip(table["id"].astype(str), table["score"].astype(float), strict=True))
 
     def __len__(self) -> int:
         return len(self._scores)
@@ -40,6 +44,9 @@ class ScoreCache:
     def put(self, ids: Sequence[str], scores: Sequence[float] | np.ndarray) -> None:
         if len(ids) != len(scores):
             raise ValueError(f"{len(ids)} ids but {len(scores)} scores")
+        # Another process (a parallel ablation run) may have added scores since we read the file:
+        # keep them too. A score depends only on the document, so either copy of an id is right.
+        self._scores = self._read() | self._scores
         self._scores.update(zip(map(str, ids), map(float, scores), strict=True))
         table = pd.DataFrame({"id": list(self._scores), "score": np.fromiter(self._scores.values(), dtype=np.float64)})
         with atomic_path(self.path) as tmp:
