@@ -19,6 +19,7 @@ NOTEBOOKS = ("01_cluster", "02_score", "03_bandit", "04_ablate", "05_evaluate")
 REPORT_RENDERER = "plotly_mimetype+notebook"
 PLOTLY_BUNDLE_MARKER = "window.PlotlyConfig"
 REPORT_PAGE = "report.html"
+WIDGET_MIMETYPE = "application/vnd.jupyter.widget-view+json"
 
 
 def notebook_setup() -> None:
@@ -73,10 +74,13 @@ def _is_plotly_bundle(output: Mapping[str, Any]) -> bool:
 
 
 def _report_outputs(outputs: list[Any], bundle_seen: bool) -> tuple[list[Any], bool]:
-    """Outputs worth a reader's eye: no stderr (warnings, progress bars), plotly.js only once."""
+    """Outputs worth a reader's eye: no stderr (warnings), no widgets (progress bars and sliders
+    need a live kernel; a static page would show their text stand-ins), plotly.js only once."""
     kept = []
     for output in outputs:
         if output.get("output_type") == "stream" and output.get("name") == "stderr":
+            continue
+        if WIDGET_MIMETYPE in output.get("data", {}):
             continue
         if _is_plotly_bundle(output):
             if bundle_seen:

@@ -16,6 +16,7 @@ CELLS = [
     ("from quadlib.reports import notebook_setup\nnotebook_setup()", []),
     ("import plotly.graph_objects as go\ngo.Figure(go.Bar(x=['a', 'b'], y=[1, 2]), layout_title_text=TITLE).show()", []),
     ("print('table of', TITLE)", []),
+    ("import ipywidgets\nipywidgets.IntSlider(description='slider-marker')", []),
     ("import sys  # code-marker\nprint('noisy' + ' progress', file=sys.stderr)", []),
 ]
 
@@ -45,6 +46,7 @@ def test_report_page_holds_every_notebook_with_plotly_embedded_once(reports: Pat
         assert re.search(rf'"text":\s*"{title}"', page), f"figure titled {title!r} missing"
     assert "01_cluster" in page and "03_bandit" in page and "TITLE=" in page  # headings with parameters
     assert "noisy progress" not in page  # stderr dropped from the report
+    assert "slider-marker" not in page  # widgets need a live kernel: dropped from the static page
     assert "code-marker" not in page  # code folded out of the one-page report
 
 
