@@ -39,8 +39,10 @@ def comparison_table_figure(table: pd.DataFrame, title: str = "Methods at the sa
 
 
 def task_bars_figure(tidy: pd.DataFrame, metric: str = "acc", tasks: Sequence[str] | None = None,
-                     methods: Sequence[str] | None = None) -> go.Figure:
-    """Grouped bars: `<task>/<metric>` per task, one bar per method, error bars = std over seeds."""
+                     methods: Sequence[str] | None = None, title: str | None = None,
+                     axis: str = "task") -> go.Figure:
+    """Grouped bars: `<task>/<metric>` per task (or held-out domain: `axis`), one bar per method,
+    error bars = std over seeds."""
     _require(tidy, ("method", "seed", "metric", "value"), "task_bars_figure")
     summary = summarize(tidy)
     summary = summary[summary["metric"].str.endswith(f"/{metric}") & ~summary["metric"].str.startswith("tasks/")]
@@ -52,8 +54,8 @@ def task_bars_figure(tidy: pd.DataFrame, metric: str = "acc", tasks: Sequence[st
         rows = summary[summary["method"] == method].set_index("task").reindex(tasks)
         fig.add_trace(go.Bar(x=tasks, y=rows["mean"], name=method, marker_color=PALETTE[i % len(PALETTE)],
                              error_y={"type": "data", "array": rows["std"].fillna(0.0)}))
-    fig.update_layout(barmode="group", title=f"Zero-shot {metric} per task (mean ± std over seeds)",
-                      xaxis_title="task", yaxis_title=metric)
+    fig.update_layout(barmode="group", title=title or f"Zero-shot {metric} per {axis} (mean ± std over seeds)",
+                      xaxis_title=axis, yaxis_title=metric)
     return fig
 
 
