@@ -8,6 +8,7 @@ notebook's figures and tables on one page.
 
 from __future__ import annotations
 
+import copy
 import html
 import time
 from collections.abc import Mapping, Sequence
@@ -90,27 +91,32 @@ def _report_outputs(outputs: list[Any], bundle_seen: bool) -> tuple[list[Any], b
     return kept, bundle_seen
 
 
-def combine_notebooks(executed: Sequence[Path]) -> Any:
-    """One notebook holding every executed notebook in order, each under a heading with its
-    papermill parameters and run time; parameter cells and stderr dropped, plotly.js embedded once."""
+def _timing(notebook: Any) -> str:
+    """" (123 s)" from papermill's metadata, or "" for a notebook it did not time."""
+    duration = notebook.metadata.get("papermill", {}).get("duration")
+    return f" ({duration:.0f} s)" if isinstance(duration, (int, float)) else ""
+
+
+def combine_notebooks(executed: Sequence[tuple[str, Any]]) -> Any:
+    """One notebook holding every (name, executed notebook) in order, each under a heading with its
+    papermill parameters and run time; parameter cells and stderr dropped, plotly.js embedded once.
+    The given notebooks are left as they are."""
     import nbformat
 
     combined = nbformat.v4.new_notebook()
     bundle_seen = False
-    for path in executed:
-        nb = nbformat.read(path, as_version=4)
-        papermill = nb.metadata.get("papermill", {})
-        duration = papermill.get("duration")
-        timing = f" ({duration:.0f} s)" if isinstance(duration, (int, float)) else ""
-        parameters = ", ".join(f"`{k}={v!r}`" for k, v in papermill.get("parameters", {}).items())
+    for name, nb in executed:
+        injected = nb.metadata.get("papermill", {}).get("parameters", {})
+        parameters = ", ".join(f"`{k}={v!r}`" for k, v in injected.items())
         combined.cells.append(nbformat.v4.new_markdown_cell(
-            f"# {path.stem}{timing}\n\n" + (f"Parameters: {parameters}" if parameters else "Notebook defaults.")))
-        for cell in nb.cells:
-            if {"parameters", "injected-parameters"} & set(cell.metadata.get("tags", [])):
+            f"# {name}{_timing(nb)}\n\n" + (f"Parameters: {parameters}" if parameters else "Notebook defaults.")))
+        for original in nb.cells:
+            if {"parameters", "injected-parameters"} & set(original.metadata.get("tags", [])):
                 continue
-            cell.id = f"{path.stem}-{cell.get('id', len(combined.cells))}"  # ids unique across notebooks
+            cell = copy.copy(original)
+            cell.id = f"{name}-{original.get('id', len(combined.cells))}"  # ids unique across notebooks
             if cell.cell_type == "code":
-                cell.outputs, bundle_seen = _report_outputs(cell.outputs, bundle_seen)
+                cell.outputs, bundle_seen = _report_outputs(original.outputs, bundle_seen)
             combined.cells.append(cell)
     return combined
 
@@ -120,11 +126,12 @@ def build_report(reports: Path, names: Sequence[str] = NOTEBOOKS, title: str = "
     notebook's figures and tables on one self-contained page) and `index.html`; return report.html."""
     import nbformat
 
-    executed = [reports / f"{name}.ipynb" for name in names if (reports / f"{name}.ipynb").exists()]
+    executed = [(name, nbformat.read(reports / f"{name}.ipynb", as_version=4))
+                for name in names if (reports / f"{name}.ipynb").exists()]
     if not executed:
         raise FileNotFoundError(f"{reports}: no executed notebooks ({', '.join(names)}.ipynb); run `make demo` first")
-    for path in executed:
-        render_html(nbformat.read(path, as_version=4), path.with_suffix(".html"))
+    for name, nb in executed:
+        render_html(nb, reports / f"{name}.html")
     combined = combine_notebooks(executed)
     combined.metadata["title"] = title
     report = render_html(combined, reports / REPORT_PAGE, code=False)
@@ -132,16 +139,11 @@ def build_report(reports: Path, names: Sequence[str] = NOTEBOOKS, title: str = "
     return report
 
 
-def write_index(reports: Path, executed: Sequence[Path], title: str) -> Path:
+def write_index(reports: Path, executed: Sequence[tuple[str, Any]], title: str) -> Path:
     """`reports/index.html`: the one-page report first, then every notebook's page with its run time."""
-    import nbformat
-
     rows = [f'<li><a href="{REPORT_PAGE}"><b>the whole report on one page</b></a></li>']
-    for path in executed:
-        duration = nbformat.read(path, as_version=4).metadata.get("papermill", {}).get("duration")
-        timing = f" ({duration:.0f} s)" if isinstance(duration, (int, float)) else ""
-        rows.append(f'<li><a href="{html.escape(path.with_suffix(".html").name)}">{html.escape(path.stem)}</a>'
-                    f"{timing}</li>")
+    rows += [f'<li><a href="{html.escape(name)}.html">{html.escape(name)}</a>{_timing(nb)}</li>'
+             for name, nb in executed]
     items = "\n".join(rows)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
             f"<body><h1>{html.escape(title)}</h1><ul>\n{items}\n</ul></body></html>\n")
