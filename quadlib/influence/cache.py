@@ -21,10 +21,15 @@ class ScoreCache:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._seen_mtime: int | None = None  # the file version our scores include
         self._scores: dict[str, float] = self._read()
 
+    def _mtime(self) -> int | None:
+        return self.path.stat().st_mtime_ns if self.path.exists() else None
+
     def _read(self) -> dict[str, float]:
-        if not self.path.exists():
+        self._seen_mtime = self._mtime()
+        if self._seen_mtime is None:
             return {}
         table = pd.read_parquet(self.path)
         if list(table.columns) != ["id", "score"]:
@@ -46,8 +51,10 @@ class ScoreCache:
             raise ValueError(f"{len(ids)} ids but {len(scores)} scores")
         # Another process (a parallel ablation run) may have added scores since we read the file:
         # keep them too. A score depends only on the document, so either copy of an id is right.
-        self._scores = self._read() | self._scores
+        if self._mtime() != self._seen_mtime:
+            self._scores = self._read() | self._scores
         self._scores.update(zip(map(str, ids), map(float, scores), strict=True))
         table = pd.DataFrame({"id": list(self._scores), "score": np.fromiter(self._scores.values(), dtype=np.float64)})
         with atomic_path(self.path) as tmp:
             table.sort_values("id").to_parquet(tmp, index=False)
+        self._seen_mtime = self._mtime()
