@@ -1,4 +1,8 @@
-"""Command line: `quad make-data`, `quad demo`, `quad report` (`python -m quadlib.cli ...`)."""
+"""Command line: `quad make-data`, `quad demo`, `quad report` (`python -m quadlib.cli ...`).
+
+Building the parser imports no torch, numpy or pandas (`quad --help` answers at once): each command
+imports what it needs when it runs, and `quad scale` builds its options when it is called.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from quadlib.reports import NOTEBOOKS, REPO_ROOT, build_report, run_notebooks
-from quadlib.synthetic import write_default_data
 
 DEFAULT_POOL = "data/synthetic/pool.jsonl.gz"
 DEFAULT_REFERENCE = "data/synthetic/reference.jsonl.gz"
+SCALE_HELP = "run per-shard steps on the local or the Ray executor (docs/scale.md)"
 
 
 def demo_parameters(run: str, pool: str, reference: str, seed: int, *, eval_dir: str | None = None,
@@ -68,6 +72,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
+    from quadlib.synthetic import write_default_data
+
     pool, reference = write_default_data(Path(args.out))
     print(f"wrote {pool} and {reference}")
 
@@ -86,9 +92,13 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
-    from quadlib.execution.scaleout import run_scaleout, settings_from_args
+    """`quad scale ...`: its options come from the scale-out module, imported (with torch) only now."""
+    from quadlib.execution.scaleout import add_arguments, run_scaleout, settings_from_args
     from quadlib.runstore import RunStore
 
+    parser = argparse.ArgumentParser(prog="quad scale", description=SCALE_HELP)
+    add_arguments(parser)
+    args = parser.parse_args(args.scale_args)
     for name, run in run_scaleout(RunStore(args.run), settings_from_args(args)).items():
         print(f"{name}: {len(run.processed)} shards processed ({run.rows} documents), {run.skipped} already done")
 
@@ -129,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--heldout-fraction", type=float, default=0.1)
     ing.set_defaults(func=cmd_ingest)
 
-    scale = sub.add_parser("scale", help="run per-shard steps on the local or the Ray executor (docs/scale.md)")
-    from quadlib.execution.scaleout import add_arguments
-
-    add_arguments(scale)
+    # its options are parsed by cmd_scale: prefix "+" makes "--run" and "--help" plain words to this parser
+    scale = sub.add_parser("scale", help=SCALE_HELP + "; `quad scale --help` lists its options", add_help=False,
+                           prefix_chars="+")
+    scale.add_argument("scale_args", nargs="*")
     scale.set_defaults(func=cmd_scale)
 
     data = sub.add_parser("make-data", help="regenerate the default synthetic data")
