@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -11,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from eval_fixtures import tiny_model, tiny_tokenizer
 
+from quadlib.evaluation.items import weighted_means
+from quadlib.evaluation.loglik import encode_pair
 from quadlib.evaluation.lm_metrics import (
-    LMMetricSettings, heldout_domain_losses, lambada_metrics, lambada_requests, reference_metrics,
-    spread_over_sources, text_losses,
+    LMMetricSettings, heldout_domain_losses, heldout_items, lambada_items, lambada_metrics, lambada_requests,
+    reference_items, reference_metrics, spread_over_sources, text_losses,
 )
 
 TEXTS = ["The cat sat on the mat.", "Energy from the sun drives ecosystems on land and in water.", "x"]
@@ -118,3 +121,66 @@ def test_no_predicted_tokens_is_a_clear_error(lm) -> None:
     model, tokenizer = lm
     with pytest.raises(ValueError, match="no predicted tokens"):
         _ = text_losses(model, tokenizer, []).mean_loss
+
+
+class NextTokenTable(torch.nn.Module):
+    """A causal LM whose greedy next token after token t is `table[t]` (logit 5, all others 0)."""
+
+    def __init__(self, vocab_size: int, table: dict[int, int]) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(max_position_embeddings=64)
+        logits = torch.zeros(vocab_size, vocab_size)  # [V, V]: row = current token
+        for current, following in table.items():
+            logits[current, following] = 5.0
+        self.register_buffer("table", logits)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return SimpleNamespace(logits=self.table[input_ids])  # [B, T, V]
+
+
+def test_lambada_exact_match_needs_every_target_token_greedy(lm) -> None:
+    """A target word of several tokens whose first token is the greedy choice but whose second is
+    not is a miss (lm-eval's `lambada_openai`); a first-token match would count it."""
+    _, tokenizer = lm
+    passages = ["The cat sat on the mat carbondioxide", "Energy from the sun drives xqzwv"]
+    splits = [lambada_requests([p])[0] for p in passages]
+    pairs = [encode_pair(tokenizer, r.context, r.continuation) for r in splits]
+    (ctx_a, cont_a), (ctx_b, cont_b) = pairs
+    assert len(cont_a) >= 2 and len(cont_b) >= 2, "the targets must span several tokens"
+    wrong = next(t for t in range(len(tokenizer)) if t != cont_a[1])
+    edges = [(ctx_a[-1], cont_a[0]), (cont_a[0], wrong),  # passage a: first token greedy, second not
+             (ctx_b[-1], cont_b[0]), *zip(cont_b, cont_b[1:])]  # passage b: every token greedy
+    table = dict(edges)
+    assert len(table) == len(edges), "the passages' predicting tokens must not collide"
+    model = NextTokenTable(len(tokenizer), table)
+    metrics, items = lambada_items(model, tokenizer, passages, ids=["a", "b"])
+    acc = items[items["metric"] == "acc"].set_index("item")["value"]
+    assert acc.to_dict() == {"a": 0.0, "b": 1.0}
+    assert metrics["lambada_acc"] == 0.5
+    logprob = items[items["metric"] == "target_logprob"].set_index("item")["value"]
+    assert metrics["lambada_logprob"] == pytest.approx(logprob.mean())
+    assert metrics["lambada_ppl"] == pytest.approx(math.exp(-logprob.mean()))
+    assert lambada_metrics(model, tokenizer, passages) == metrics
+
+
+def test_bits_per_byte_and_items_aggregate_to_the_reported_losses(lm) -> None:
+    model, tokenizer = lm
+    texts = ["The cat sat on the mat.", "Énergie du soleil", "x"]
+    metrics, items = reference_items(model, tokenizer, texts, ids=["r0", "r1", "r2"])
+    losses = text_losses(model, tokenizer, texts)
+    means = weighted_means(items)
+    assert means[("reference", "loss")] == pytest.approx(metrics["ref_loss"], rel=1e-12)
+    n_bytes = np.array([len(t.encode("utf-8")) for t in texts])
+    assert means[("reference", "bpb")] == pytest.approx(losses.doc_nll.sum() / (math.log(2) * n_bytes.sum()), rel=1e-12)
+    per_doc = items[items["metric"] == "bpb"].set_index("item")["value"]
+    assert per_doc["r1"] == pytest.approx(losses.doc_nll[1] / (math.log(2) * len("Énergie du soleil".encode())))
+    frame = pd.DataFrame({"id": ["a", "b", "c", "d"], "text": TEXTS + ["Water boils at one hundred degrees."],
+                          "source": ["web", "science", "web", "science"]})
+    out, rows = heldout_items(model, tokenizer, frame)
+    web = text_losses(model, tokenizer, [TEXTS[0], TEXTS[2]])
+    web_bytes = len(TEXTS[0].encode()) + len(TEXTS[2].encode())
+    assert out["heldout_bpb/web"] == pytest.approx(web.doc_nll.sum() / (math.log(2) * web_bytes), rel=1e-12)
+    assert out["heldout_bpb_mean"] == pytest.approx((out["heldout_bpb/web"] + out["heldout_bpb/science"]) / 2)
+    assert set(rows["task"]) == {"heldout/web", "heldout/science"}
+    assert sorted(rows[rows["task"] == "heldout/web"]["item"].unique()) == ["a", "c"]

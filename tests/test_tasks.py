@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from eval_fixtures import tiny_model, tiny_tokenizer
 
 from quadlib.evaluation.loglik import LoglikRequest, encode_pair, score_requests
 from quadlib.evaluation.tasks import (
-    TASKS, TaskSettings, evaluate_tasks, item_results, load_task_docs, task_metrics,
+    TASKS, TaskScores, TaskSettings, evaluate_tasks, item_results, load_task_docs, task_items, task_metrics,
 )
 
 CHOICE_DOCS = [
@@ -83,6 +84,35 @@ def test_acc_norm_divides_by_choice_characters() -> None:
     assert items.loc[0, "acc"] == 0.0 and items.loc[0, "acc_norm"] == 1.0
 
 
+def test_acc_norm_counts_characters_exactly_and_scores_the_gold_index() -> None:
+    """lm-eval divides by len(choice) without the delimiter: one character more or less, or the gold
+    index shifted by one, flips these items."""
+    docs = [{"query": "q", "choices": ["a", "bc"], "gold": 1},  # -1/1 < -1.9/2; with len+1: -1/2 > -1.9/3
+            {"query": "q", "choices": ["bc", "a"], "gold": 0},  # the same, gold first
+            {"query": "q", "choices": ["abcd", "ab"], "gold": 1}]  # -4.2/4 < -2/2; with len-1: -4.2/3 > -2/1
+    items = item_results(docs, "choices", [[-1.0, -1.9], [-1.9, -1.0], [-4.2, -2.0]])
+    assert items["acc_norm"].tolist() == [1.0, 1.0, 1.0]
+    assert items["acc"].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_gold_logprob_and_bits_per_byte_of_the_gold_continuation() -> None:
+    docs = [{"query": "q", "choices": ["é", "ab"], "gold": 0},  # " é" is 3 UTF-8 bytes
+            {"query": "q", "choices": ["x", "abcd"], "gold": 1}]  # " abcd": 5 bytes
+    items = item_results(docs, "choices", [[-2.0, -1.0], [-0.5, -3.0]])
+    assert items["gold_logprob"].tolist() == [-2.0, -3.0]
+    assert items["gold_bytes"].tolist() == [3, 5]
+    np.testing.assert_allclose(items["gold_bpb"], [2.0 / (math.log(2) * 3), 3.0 / (math.log(2) * 5)], rtol=1e-12)
+    partial = item_results(PARTIAL_DOCS, "partial", [[-7.0, -6.0]])
+    assert partial.loc[0, "gold_logprob"] == -7.0  # gold context option 0
+    assert partial.loc[0, "gold_bytes"] == len(" got the harder cases.")
+    long = task_items({"arc_easy": TaskScores(items, TASKS["arc_easy"].metrics)})
+    assert set(long["metric"]) == {"acc", "acc_norm", "gold_logprob", "gold_bpb"}
+    assert long.set_index(["item", "metric"]).loc[("1", "gold_logprob"), "value"] == -3.0
+    flat = task_metrics({"arc_easy": TaskScores(items, TASKS["arc_easy"].metrics)})
+    assert flat["arc_easy/gold_logprob"] == pytest.approx(-2.5)
+    assert flat["tasks/gold_bpb_mean"] == pytest.approx(items["gold_bpb"].mean())
+
+
 def test_evaluate_tasks_on_local_files_skips_missing_and_names_bad_records(lm, tmp_path: Path) -> None:
     model, tokenizer = lm
     _write(tmp_path / TASKS["arc_easy"].file, CHOICE_DOCS)
@@ -91,7 +121,8 @@ def test_evaluate_tasks_on_local_files_skips_missing_and_names_bad_records(lm, t
     assert set(scores) == {"arc_easy", "winogrande"}  # the other six files are absent: skipped
     assert len(scores["arc_easy"].items) == 1
     flat = task_metrics(scores)
-    assert set(flat) >= {"arc_easy/acc", "arc_easy/acc_norm", "winogrande/acc", "tasks/acc_mean"}
+    assert set(flat) >= {"arc_easy/acc", "arc_easy/acc_norm", "winogrande/acc", "tasks/acc_mean",
+                         "arc_easy/gold_bpb", "winogrande/gold_logprob"}
     assert "winogrande/acc_norm" not in flat
     lls = [_brute_force(model, tokenizer, c, " " + PARTIAL_DOCS[0]["continuation"])[0]
            for c in PARTIAL_DOCS[0]["context_options"]]

@@ -12,6 +12,7 @@ import torch
 from eval_fixtures import tiny_model, tiny_tokenizer
 
 from quadlib.corpus import CorpusSettings, ingest, read_corpus
+from quadlib.evaluation.items import ITEMS_FILE, weighted_means
 from quadlib.evaluation.train_eval import (
     EvalSettings, eval_step, initial_model, read_selection_texts, train_and_evaluate,
 )
@@ -44,6 +45,8 @@ def test_train_and_evaluate_writes_metrics_and_skips_finished_pairs(setup) -> No
         assert rec["train"]["steps"] == 3 and rec["train"]["tokens_seen"] == 3 * 2 * 32
         assert {"ref_loss", "ref_ppl", "heldout_mean"} <= set(rec["metrics"])
         assert any(k.startswith("heldout/") for k in rec["metrics"])
+        items = pd.read_parquet(folder / ITEMS_FILE)  # the per-item results the metrics aggregate
+        assert weighted_means(items)[("reference", "loss")] == pytest.approx(rec["metrics"]["ref_loss"], rel=1e-9)
     assert records[0]["metrics"]["ref_loss"] != records[1]["metrics"]["ref_loss"]  # seeds change the data order
     stamp = (store.root / eval_step("random", 0) / "metrics.json").stat().st_mtime_ns
     again = train_and_evaluate(store, "random", texts, warmup, tokenizer, TRAIN, [0, 1], EvalSettings())

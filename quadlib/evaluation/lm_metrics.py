@@ -7,7 +7,9 @@ the first is predicted exactly once.
 
 The reference loss is the quantity Quad's influence scores estimate the change of (the loss on the
 reference set after training on the selection); held-out domains are documents never offered for
-selection.
+selection. Held-out domains also report bits per byte, total NLL / (ln 2 * total UTF-8 bytes of the
+texts), which compares across tokenizers. Each family has an `*_items` function giving its per-item
+results (`quadlib.evaluation.items`), from which the aggregates are computed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+LN2 = math.log(2.0)
+
+from quadlib.evaluation.items import concat_items, item_frame, weighted_means
 from quadlib.evaluation.loglik import LoglikRequest, length_batches, score_requests
 from quadlib.proxy import causal_lm_loss, context_length, document_delimiters, encode_documents, pad_batch
 from quadlib.settings import setting
@@ -104,12 +109,34 @@ def text_losses(model: torch.nn.Module, tokenizer, texts: Sequence[str],
     return TextLosses(doc_nll, doc_tokens)
 
 
+def document_items(task: str, ids: Sequence[str], texts: Sequence[str], losses: TextLosses) -> pd.DataFrame:
+    """Per-document `loss` (nats per predicted token, weight = predicted tokens) and `bpb` (bits per
+    UTF-8 byte of the text, weight = bytes); documents with no predicted token or no byte are left out."""
+    n_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.float64)  # [n_docs]
+    has_tokens, has_bytes = losses.doc_tokens > 0, (losses.doc_tokens > 0) & (n_bytes > 0)
+    return concat_items([
+        item_frame(task, [ids[i] for i in np.flatnonzero(has_tokens)],
+                   {"loss": losses.doc_nll[has_tokens] / losses.doc_tokens[has_tokens]},
+                   {"loss": losses.doc_tokens[has_tokens]}),
+        item_frame(task, [ids[i] for i in np.flatnonzero(has_bytes)],
+                   {"bpb": losses.doc_nll[has_bytes] / (LN2 * n_bytes[has_bytes])}, {"bpb": n_bytes[has_bytes]}),
+    ])
+
+
+def reference_items(model: torch.nn.Module, tokenizer, texts: Sequence[str], ids: Sequence[str] | None = None,
+                    settings: LMMetricSettings | None = None) -> tuple[dict[str, float], pd.DataFrame]:
+    """`reference_metrics` and the per-document items (task "reference") they are computed from."""
+    losses = text_losses(model, tokenizer, texts, settings)
+    ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+    metrics = {"ref_loss": losses.mean_loss, "ref_ppl": losses.perplexity, "ref_tokens": losses.n_tokens,
+               "ref_doc_loss": float(np.nanmean(losses.doc_mean_losses))}
+    return metrics, document_items("reference", ids, texts, losses)
+
+
 def reference_metrics(model: torch.nn.Module, tokenizer, texts: Sequence[str],
                       settings: LMMetricSettings | None = None) -> dict[str, float]:
     """Reference-set loss and perplexity (token-weighted) and the mean of per-document losses."""
-    losses = text_losses(model, tokenizer, texts, settings)
-    return {"ref_loss": losses.mean_loss, "ref_ppl": losses.perplexity, "ref_tokens": losses.n_tokens,
-            "ref_doc_loss": float(np.nanmean(losses.doc_mean_losses))}
+    return reference_items(model, tokenizer, texts, settings=settings)[0]
 
 
 def lambada_requests(texts: Sequence[str]) -> list[LoglikRequest]:
@@ -123,16 +150,28 @@ def lambada_requests(texts: Sequence[str]) -> list[LoglikRequest]:
     return requests
 
 
-def lambada_metrics(model: torch.nn.Module, tokenizer, texts: Sequence[str],
-                    settings: LMMetricSettings | None = None) -> dict[str, float]:
-    """Last-word accuracy (every target token greedy) and the target perplexity exp(-mean log p)."""
+def lambada_items(model: torch.nn.Module, tokenizer, texts: Sequence[str], ids: Sequence[str] | None = None,
+                  settings: LMMetricSettings | None = None) -> tuple[dict[str, float], pd.DataFrame]:
+    """`lambada_metrics` and its per-passage items (task "lambada"): `acc` (exact match: EVERY token of
+    the target word is the model's greedy choice, as lm-eval's `lambada_openai`) and `target_logprob`
+    (log p(target word | context), nats), both of weight 1."""
     settings = settings or LMMetricSettings()
     results = score_requests(model, tokenizer, lambada_requests(texts), batch_size=settings.batch_size,
                              batch_tokens=settings.batch_tokens, max_length=settings.max_length,
                              progress=settings.progress)
-    return {"lambada_acc": float(np.mean([r.is_greedy for r in results])),
-            "lambada_ppl": math.exp(-float(np.mean([r.logprob for r in results]))),
-            "lambada_n": len(results)}
+    acc = np.array([float(r.is_greedy) for r in results])  # [n]
+    logprob = np.array([r.logprob for r in results])  # [n] nats
+    ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+    metrics = {"lambada_acc": float(acc.mean()), "lambada_logprob": float(logprob.mean()),
+               "lambada_ppl": math.exp(-float(logprob.mean())), "lambada_n": len(results)}
+    return metrics, item_frame("lambada", ids, {"acc": acc, "target_logprob": logprob})
+
+
+def lambada_metrics(model: torch.nn.Module, tokenizer, texts: Sequence[str],
+                    settings: LMMetricSettings | None = None) -> dict[str, float]:
+    """Last-word accuracy (every target token greedy), the mean target log-probability (nats) and
+    the target perplexity exp(-mean log p)."""
+    return lambada_items(model, tokenizer, texts, settings=settings)[0]
 
 
 def spread_over_sources(frame: pd.DataFrame, limit: int | None) -> pd.DataFrame:
@@ -150,19 +189,34 @@ def spread_over_sources(frame: pd.DataFrame, limit: int | None) -> pd.DataFrame:
 
 def heldout_domain_losses(model: torch.nn.Module, tokenizer, frame: pd.DataFrame,
                           settings: LMMetricSettings | None = None) -> dict[str, float]:
-    """Token-weighted loss per `source` of held-out documents, plus their unweighted mean over domains.
+    """Token-weighted loss and bits per byte per `source` of held-out documents, plus their
+    unweighted means over domains.
 
-    Returns {"heldout/<source>": loss, ..., "heldout_mean": mean over domains}.
+    Returns {"heldout/<source>": loss, ..., "heldout_mean": mean over domains,
+    "heldout_bpb/<source>": bits per byte, ..., "heldout_bpb_mean": mean over domains}.
     """
+    return heldout_items(model, tokenizer, frame, settings)[0]
+
+
+def heldout_items(model: torch.nn.Module, tokenizer, frame: pd.DataFrame,
+                  settings: LMMetricSettings | None = None) -> tuple[dict[str, float], pd.DataFrame]:
+    """`heldout_domain_losses` and its per-document items (task "heldout/<source>", metrics loss and
+    bpb; item = the `id` column when present, else the row position)."""
     missing = {"text", "source"} - set(frame.columns)
     if missing:
         raise ValueError(f"held-out frame lacks column(s) {sorted(missing)}; read it with read_corpus(store, 'heldout')")
     if frame.empty:
         raise ValueError("held-out frame is empty; ingest with CorpusSettings(heldout_fraction > 0)")
-    losses = text_losses(model, tokenizer, frame["text"].tolist(), settings)
-    per_doc = pd.DataFrame({"source": frame["source"].to_numpy(), "nll": losses.doc_nll, "tokens": losses.doc_tokens})
-    sums = per_doc.groupby("source", sort=True)[["nll", "tokens"]].sum()
-    sums = sums[sums["tokens"] > 0]
-    out = {f"heldout/{source}": float(row.nll / row.tokens) for source, row in sums.iterrows()}
+    texts = frame["text"].tolist()
+    losses = text_losses(model, tokenizer, texts, settings)
+    ids = frame["id"].astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(len(frame))]
+    sources = frame["source"].to_numpy()
+    items = concat_items([document_items(f"heldout/{source}", [ids[i] for i in idx], [texts[i] for i in idx],
+                                         TextLosses(losses.doc_nll[idx], losses.doc_tokens[idx]))
+                          for source in sorted(set(sources)) for idx in [np.flatnonzero(sources == source)]])
+    means = weighted_means(items)
+    out = {f"heldout/{task.removeprefix('heldout/')}": float(v) for (task, metric), v in means.items() if metric == "loss"}
     out["heldout_mean"] = float(np.mean(list(out.values())))
-    return out
+    bpb = {f"heldout_bpb/{task.removeprefix('heldout/')}": float(v) for (task, metric), v in means.items()
+           if metric == "bpb"}
+    return out | bpb | {"heldout_bpb_mean": float(np.mean(list(bpb.values())))}, items

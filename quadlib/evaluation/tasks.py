@@ -12,11 +12,19 @@ Metrics follow lm-evaluation-harness 0.4.13 (`ConfigurableTask.process_results`)
 acc = [argmax_i log p(choice_i) == gold], acc_norm = [argmax_i log p(choice_i) / len(choice_i) == gold]
 with len the choice string's length in characters (without the leading space). A new task is an
 entry of `TASKS`; a new scorer is an entry of `BACKENDS` (ours, fast and default, or lm-eval's).
+
+Accuracy is at chance for a small proxy, so every task also reports two continuous metrics of the
+gold answer that move with the model long before its argmax does (issue 14, item 3):
+gold_logprob = log p(gold continuation | context) in nats, and
+gold_bpb = -gold_logprob / (ln 2 * bytes(gold continuation)), bits per UTF-8 byte of the scored text
+(the leading delimiter included, since its tokens are scored). Per-item results are kept
+(`task_items`) so that methods can be compared by paired differences over items.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import json
 import logging
 import tempfile
@@ -29,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from quadlib.evaluation.items import concat_items, item_frame
 from quadlib.evaluation.loglik import LoglikRequest, score_requests
 from quadlib.settings import setting
 
@@ -45,6 +54,7 @@ class Schema:
     requests: Callable[[dict[str, Any]], list[LoglikRequest]]
     norm_lengths: Callable[[dict[str, Any]], list[int]]  # lm-eval's `len(doc_to_choice(doc)[i])`
     n_options: Callable[[dict[str, Any]], int]
+    gold_text: Callable[[dict[str, Any]], str]  # the continuation scored for the gold option
     lm_eval_fields: dict[str, str]  # doc_to_text / doc_to_target / doc_to_choice of a task YAML
 
 
@@ -54,6 +64,7 @@ SCHEMAS: dict[str, Schema] = {
         requests=lambda doc: [LoglikRequest(doc["query"], TARGET_DELIMITER + c) for c in doc["choices"]],
         norm_lengths=lambda doc: [len(c) for c in doc["choices"]],
         n_options=lambda doc: len(doc["choices"]),
+        gold_text=lambda doc: TARGET_DELIMITER + doc["choices"][int(doc["gold"])],
         lm_eval_fields={"doc_to_text": "query", "doc_to_target": "gold", "doc_to_choice": "choices"},
     ),
     "partial": Schema(
@@ -62,6 +73,7 @@ SCHEMAS: dict[str, Schema] = {
                               for ctx in doc["context_options"]],
         norm_lengths=lambda doc: [len(c) for c in doc["context_options"]],
         n_options=lambda doc: len(doc["context_options"]),
+        gold_text=lambda doc: TARGET_DELIMITER + doc["continuation"],
         # An int doc_to_text (the gold index) is lm-eval's signal for "multiple inputs".
         lm_eval_fields={"doc_to_text": "gold", "doc_to_target": "continuation", "doc_to_choice": "context_options"},
     ),
@@ -76,6 +88,9 @@ class TaskSpec:
     schema: str
     metrics: tuple[str, ...] = ("acc", "acc_norm")
 
+
+SIGNAL_METRICS = ("gold_logprob", "gold_bpb")  # reported for every task beside its accuracies
+LN2 = math.log(2.0)
 
 TASKS: dict[str, TaskSpec] = {
     "arc_easy": TaskSpec("arc_easy.jsonl.gz", "choices"),
@@ -103,13 +118,14 @@ class TaskSettings:
 
 @dataclass(frozen=True)
 class TaskScores:
-    """Per-item results of one task (columns doc_id, gold, acc, acc_norm, logprobs) and its metrics."""
+    """Per-item results of one task (columns doc_id, gold, acc, acc_norm, gold_logprob, gold_bytes,
+    gold_bpb, logprobs) and the accuracies it reports (`SIGNAL_METRICS` are reported for every task)."""
 
     items: pd.DataFrame
     metrics: tuple[str, ...]
 
     def summary(self) -> dict[str, float]:
-        return {m: float(self.items[m].mean()) for m in self.metrics} | {"n": len(self.items)}
+        return {m: float(self.items[m].mean()) for m in self.metrics + SIGNAL_METRICS} | {"n": len(self.items)}
 
 
 def load_task_docs(path: Path, schema: str, limit: int | None = None) -> list[dict[str, Any]]:
@@ -132,15 +148,19 @@ def load_task_docs(path: Path, schema: str, limit: int | None = None) -> list[di
 
 
 def item_results(docs: Sequence[dict[str, Any]], schema: str, logprobs: Sequence[Sequence[float]]) -> pd.DataFrame:
-    """acc and acc_norm per item from each option's log-likelihood (lm-eval's definitions)."""
+    """Per item from each option's log-likelihood: acc and acc_norm (lm-eval's definitions), the gold
+    option's log-probability (nats) and its bits per byte, -log p / (ln 2 * bytes of the gold continuation)."""
     spec = SCHEMAS[schema]
     rows = []
     for doc_id, (doc, lls) in enumerate(zip(docs, logprobs, strict=True)):
-        lls_arr = np.asarray(lls, dtype=np.float64)
-        lengths = np.asarray(spec.norm_lengths(doc), dtype=np.float64)
+        lls_arr = np.asarray(lls, dtype=np.float64)  # [n_options]
+        lengths = np.asarray(spec.norm_lengths(doc), dtype=np.float64)  # [n_options] characters
         gold = int(doc["gold"])
+        n_bytes = len(spec.gold_text(doc).encode("utf-8"))
         rows.append({"doc_id": doc_id, "gold": gold, "acc": float(np.argmax(lls_arr) == gold),
-                     "acc_norm": float(np.argmax(lls_arr / lengths) == gold), "logprobs": lls_arr.tolist()})
+                     "acc_norm": float(np.argmax(lls_arr / lengths) == gold), "gold_logprob": float(lls_arr[gold]),
+                     "gold_bytes": n_bytes, "gold_bpb": float(-lls_arr[gold] / (LN2 * n_bytes)),
+                     "logprobs": lls_arr.tolist()})
     return pd.DataFrame(rows)
 
 
@@ -233,8 +253,18 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, eval_dir: str | Path,
 
 
 def task_metrics(scores: dict[str, TaskScores]) -> dict[str, float]:
-    """Flat `{"<task>/<metric>": value}` plus `"tasks/acc_mean"`, the mean acc over tasks (Table 6's Avg)."""
+    """Flat `{"<task>/<metric>": value}` plus the means over tasks `"tasks/acc_mean"` (Table 6's Avg)
+    and `"tasks/gold_bpb_mean"`."""
     flat = {f"{name}/{metric}": value for name, s in scores.items() for metric, value in s.summary().items()}
     if scores:
         flat["tasks/acc_mean"] = float(np.mean([s.summary()["acc"] for s in scores.values()]))
+        flat["tasks/gold_bpb_mean"] = float(np.mean([s.summary()["gold_bpb"] for s in scores.values()]))
     return flat
+
+
+def task_items(scores: dict[str, TaskScores]) -> pd.DataFrame:
+    """Per-item results of every task in the long format of `quadlib.evaluation.items` (task, item,
+    metric, value, weight): the reported accuracies and `SIGNAL_METRICS`, each of weight 1."""
+    return concat_items([item_frame(name, s.items["doc_id"].tolist(),
+                                    {m: s.items[m].tolist() for m in s.metrics + SIGNAL_METRICS})
+                         for name, s in scores.items()])

@@ -8,6 +8,7 @@ fresh initialisation of the same architecture (`from_scratch`). Per method and s
     <run>/eval/<method>/seed-<s>/checkpoints/    resumable training checkpoints (removed when done)
     <run>/eval/<method>/seed-<s>/model/          the trained model (config.json + model.safetensors)
     <run>/eval/<method>/seed-<s>/metrics.json    every metric, the training summary and timings
+    <run>/eval/<method>/seed-<s>/items.parquet   per-item results (quadlib.evaluation.items) for paired tests
 
 (`scratch-seed-<s>/` for runs from a fresh initialisation.)
 
@@ -32,9 +33,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from quadlib.corpus import read_corpus
 from quadlib.device import default_device
-from quadlib.evaluation.lm_metrics import (LMMetricSettings, heldout_domain_losses, lambada_metrics, reference_metrics,
+from quadlib.evaluation.items import ITEMS_FILE, concat_items
+from quadlib.evaluation.lm_metrics import (LMMetricSettings, heldout_items, lambada_items, reference_items,
                                             spread_over_sources)
-from quadlib.evaluation.tasks import TaskSettings, evaluate_tasks, task_metrics
+from quadlib.evaluation.tasks import TaskSettings, evaluate_tasks, task_items, task_metrics
 from quadlib.proxy import MODEL_CONFIGS, TrainSettings, build_model, save_model, train_lm
 from quadlib.runstore import RunStore, write_json_atomic
 from quadlib.selection.export import read_selection
@@ -110,20 +112,36 @@ def texts_sha256(texts: Sequence[str]) -> str:
 def evaluate_model(store: RunStore, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                    settings: EvalSettings) -> dict[str, float]:
     """Every metric of one trained model, flat: ref_loss, ref_ppl, heldout/<source>, <task>/acc ..."""
+    return evaluate_model_items(store, model, tokenizer, settings)[0]
+
+
+def evaluate_model_items(store: RunStore, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                         settings: EvalSettings) -> tuple[dict[str, float], pd.DataFrame]:
+    """`evaluate_model`'s metrics and the per-item results they aggregate (`quadlib.evaluation.items`)."""
     lm = settings.lm_settings()
     metrics: dict[str, float] = {}
+    items: list[pd.DataFrame] = []
     if settings.reference_step is not None:
-        texts = read_corpus(store, settings.reference_step, columns=["text"])["text"].tolist()
-        texts = texts[: settings.max_reference_docs]
-        metrics |= reference_metrics(model, tokenizer, texts, lm)
+        reference = read_corpus(store, settings.reference_step).iloc[: settings.max_reference_docs]
+        texts = reference["text"].tolist()
+        ids = reference["id"].astype(str).tolist() if "id" in reference.columns else None
+        values, rows = reference_items(model, tokenizer, texts, ids, lm)
+        metrics |= values
+        items.append(rows)
         if settings.lambada:
-            metrics |= lambada_metrics(model, tokenizer, texts, lm)
+            values, rows = lambada_items(model, tokenizer, texts, ids, lm)
+            metrics |= values
+            items.append(rows)
     if settings.heldout_step is not None and store.shards(settings.heldout_step):
-        frame = read_corpus(store, settings.heldout_step, columns=["text", "source"])
-        metrics |= heldout_domain_losses(model, tokenizer, spread_over_sources(frame, settings.max_heldout_docs), lm)
+        frame = read_corpus(store, settings.heldout_step)
+        values, rows = heldout_items(model, tokenizer, spread_over_sources(frame, settings.max_heldout_docs), lm)
+        metrics |= values
+        items.append(rows)
     if settings.eval_dir is not None:
-        metrics |= task_metrics(evaluate_tasks(model, tokenizer, settings.eval_dir, settings.task_settings()))
-    return metrics
+        scores = evaluate_tasks(model, tokenizer, settings.eval_dir, settings.task_settings())
+        metrics |= task_metrics(scores)
+        items.append(task_items(scores))
+    return metrics, concat_items(items)
 
 
 def train_and_evaluate(store: RunStore, method: str, selection_texts: Sequence[str], base_model: str | Path,
@@ -156,7 +174,8 @@ def train_and_evaluate(store: RunStore, method: str, selection_texts: Sequence[s
             train_seconds = time.perf_counter() - start
             save_model(model, tokenizer, folder / "model")
             start = time.perf_counter()
-            metrics = evaluate_model(store, model.eval(), tokenizer, eval_settings)
+            metrics, items = evaluate_model_items(store, model.eval(), tokenizer, eval_settings)
+            items.to_parquet(folder / ITEMS_FILE, index=False)
             write_json_atomic(folder / METRICS_FILE, {
                 "method": method, "seed": seed, "from_scratch": from_scratch, "metrics": metrics,
                 "train": {"steps": result.steps, "tokens_seen": result.tokens_seen,
