@@ -79,16 +79,19 @@ def cmd_make_data(args: argparse.Namespace) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
-    from quadlib.corpus import CorpusSettings, ingest
+    from quadlib.corpus import CorpusSettings, ingest, split_reference
     from quadlib.runstore import RunStore
 
     store = RunStore(args.run)
     pool = ingest(store, args.pool, settings=CorpusSettings(text_field=args.text_field, shard_size=args.shard_size,
-                                                            heldout_fraction=args.heldout_fraction))
+                                                            heldout_fraction=args.heldout_fraction,
+                                                            group_field=args.group_field))
     ref = ingest(store, args.reference, step="reference",
                  settings=CorpusSettings(text_field=args.text_field, id_field=None, source_field=None))
-    print(f"pool: {pool['kept']} kept, {pool['heldout']} held out, {pool['skipped_total']} skipped "
-          f"in {len(pool['shards'])} shards; reference: {ref['kept']}")
+    split = split_reference(store)
+    print(f"pool: {pool['kept']} kept, {pool['heldout']} held out (by origin group), {pool['skipped_total']} skipped "
+          f"in {len(pool['shards'])} shards; reference: {ref['kept']} ({len(split['selection'])} for selection, "
+          f"{len(split['evaluation'])} for evaluation only)")
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
@@ -137,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--text-field", default="text")
     ing.add_argument("--shard-size", type=int, default=2_000)
     ing.add_argument("--heldout-fraction", type=float, default=0.1)
+    ing.add_argument("--group-field", default=None,
+                     help="record field naming a document's origin group for the held-out split (e.g. meta.book); "
+                          "default: inferred from meta, else the id")
     ing.set_defaults(func=cmd_ingest)
 
     # its options are parsed by cmd_scale: prefix "+" makes "--run" and "--help" plain words to this parser

@@ -56,7 +56,14 @@ class CorpusSettings:
     shard_size: int = setting(2_000, "documents per parquet shard")
     limit: int | None = setting(None, "stop after this many kept documents (None: all)")
     hf_split: str = setting("train", "split of a Hugging Face dataset when the spec names none")
-    heldout_fraction: float = setting(0.0, "fraction of documents (chosen by id hash) written to a held-out step instead")
+    heldout_fraction: float = setting(0.0, "fraction of origin groups (chosen by a seeded hash of the group key) "
+                                           "written to a held-out step instead; see split_heldout")
+    group_field: str | None = setting(None, "record field naming a document's origin group for the held-out split "
+                                            "(a dotted path such as 'meta.book'); None: inferred from `meta` "
+                                            "(origin_group), else the document id")
+    near_duplicate_containment: float = setting(0.5, "a document sharing at least this fraction of its word 13-grams "
+                                                     "with an earlier one joins that one's group (0 turns it off)")
+    split_seed: int = setting(0, "seed of the held-out split's group hash")
     max_examples: int = setting(20, "bad-record examples kept per reason in the summary")
 
     def __post_init__(self) -> None:
@@ -64,6 +71,8 @@ class CorpusSettings:
             raise ValueError(f"too_long must be 'truncate' or 'skip', got {self.too_long!r}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0.0 <= self.near_duplicate_containment <= 1.0:
+            raise ValueError(f"near_duplicate_containment must be in [0, 1], got {self.near_duplicate_containment}")
 
 
 @dataclass
@@ -84,6 +93,7 @@ class IngestReport:
     kept: int = 0
     heldout: int = 0
     truncated: int = 0
+    split: dict[str, Any] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
     by_file: dict[str, Counter] = field(default_factory=dict)
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -102,6 +112,7 @@ class IngestReport:
             "read": self.read, "kept": self.kept, "heldout": self.heldout, "truncated": self.truncated,
             "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),
             "by_file": {k: dict(v) for k, v in self.by_file.items()}, "examples": self.examples,
+            "heldout_split": self.split,
         }
 
     def describe(self) -> str:
@@ -201,18 +212,146 @@ def content_id(text: str) -> str:
     return "h-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def is_heldout(doc_id: str, fraction: float) -> bool:
-    """Held-out membership by id hash: stable across runs, readers and shard layouts."""
-    if fraction <= 0:
-        return False
-    bucket = int(hashlib.sha1(doc_id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return bucket < fraction
+# -- splits ---------------------------------------------------------------------------------------
+
+def hash_unit(key: str, seed: int = 0) -> float:
+    """A seeded hash of `key` in [0, 1): stable across runs, readers and shard layouts."""
+    return int(hashlib.sha1(f"{seed}:{key}".encode("utf-8")).hexdigest()[:13], 16) / 16**13
+
+
+_TASK_NUMBER = re.compile(r"/(\d+)$")
+_ID_NUMBER = re.compile(r"^(.*?)(\d+)$")
+# meta fields that name the document a record came from, most specific first (see origin_group)
+ORIGIN_FIELDS = ("book", "repo_path", "arxiv_id", "url", "file", "title", "title_guess", "webtext_id")
+
+
+def _field(data: dict[str, Any], path: str) -> Any:
+    value: Any = data
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def origin_group(data: dict[str, Any], doc_id: str, settings: CorpusSettings) -> str:
+    """The origin group of a record: documents of one group go to the same side of the held-out split.
+
+    With `settings.group_field` set, that field's value (a dotted path, e.g. ``meta.book``); a record
+    without it is its own group. Otherwise, from the record's `meta` (the shared pool's provenance):
+    a HumanEval-style `task_id` ("HumanEval/12", "CPP/12", "JavaScript/12") groups one problem across
+    languages; a Stack Exchange `site` + `question_id` groups the answers to one question; the first
+    of ORIGIN_FIELDS (book, arXiv id, url, file, title, ...) groups the pieces of one source document;
+    a split document with no such field (`part` only, consecutive ids `<prefix><n>`) groups ids
+    n - part .. n - part + parts - 1. Anything else is its own group (its id). Keys carry the
+    record's source so two sources never share a group by accident.
+    """
+    if settings.group_field is not None:
+        value = _field(data, settings.group_field)
+        return f"{settings.group_field}={value}" if value not in (None, "") else f"id={doc_id}"
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    source = data.get(settings.source_field) if settings.source_field else None
+    prefix = f"{source}:" if source else ""
+    task = meta.get("task_id")
+    if isinstance(task, str) and _TASK_NUMBER.search(task):
+        return f"{prefix}task={_TASK_NUMBER.search(task).group(1)}"
+    if meta.get("question_id") not in (None, ""):
+        return f"{prefix}question={meta.get('site', '')}/{meta['question_id']}"
+    for name in ORIGIN_FIELDS:
+        if meta.get(name) not in (None, ""):
+            return f"{prefix}{name}={meta[name]}"
+    part, number = meta.get("part"), _ID_NUMBER.match(doc_id)
+    if isinstance(part, int) and number is not None:
+        head, digits = number.groups()
+        return f"{prefix}split={head}{int(digits) - part:0{len(digits)}d}"
+    return f"{prefix}id={doc_id}"
+
+
+NGRAM = 13  # word n-grams for near-duplicates (the shared data's README measures overlap the same way)
+NGRAM_SAMPLE = 4  # keep the n-grams whose hash is 0 mod this: a uniform sample, so containment is unbiased
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def ngram_sample(text: str, n: int = NGRAM, modulo: int = NGRAM_SAMPLE) -> set[int]:
+    """Hashes of a seeded-free uniform sample of the text's word n-grams (lower-cased alphanumeric words)."""
+    words = _WORD.findall(text.lower())
+    grams = (" ".join(words[i:i + n]) for i in range(max(0, len(words) - n + 1)))
+    hashes = (int.from_bytes(hashlib.blake2b(g.encode("utf-8"), digest_size=8).digest(), "little") for g in grams)
+    return {h for h in hashes if h % modulo == 0}
+
+
+class HeldoutSplitter:
+    """The held-out split by origin group, decided as documents stream in (`split_heldout` for a table).
+
+    A group's side is `hash_unit(group, split_seed) < heldout_fraction`. A document that shares at
+    least `near_duplicate_containment` of its sampled 13-grams with an earlier group (and whose own
+    group is new) joins that group, so its later pieces follow it too. A near-duplicate whose own
+    group already sits on the other side cannot move (its siblings are written): it is counted in
+    `stats["crossing_near_duplicates"]`, so a residual leak is reported, never silent.
+    """
+
+    def __init__(self, settings: CorpusSettings) -> None:
+        self.fraction, self.seed = settings.heldout_fraction, settings.split_seed
+        self.containment = settings.near_duplicate_containment
+        self.canonical: dict[str, str] = {}  # group -> the group it joined (itself when it joined none)
+        self.owner: dict[int, str] = {}  # sampled n-gram hash -> canonical group of its first document
+        self.stats: dict[str, Any] = {"groups": 0, "heldout_groups": 0, "near_duplicates_joined": 0,
+                                      "crossing_near_duplicates": 0, "crossing_examples": []}
+
+    def side(self, group: str) -> bool:
+        """True when `group` (canonical) is held out."""
+        return hash_unit(group, self.seed) < self.fraction
+
+    def _near_duplicate_of(self, grams: set[int]) -> str | None:
+        if self.containment <= 0 or not grams:
+            return None
+        hits = Counter(self.owner[g] for g in grams if g in self.owner)
+        if not hits:
+            return None
+        group, count = min(hits.items(), key=lambda kv: (-kv[1], kv[0]))
+        return group if count / len(grams) >= self.containment else None
+
+    def assign(self, doc_id: str, group: str, text: str) -> bool:
+        """Whether this document is held out (and remember it for later near-duplicates)."""
+        grams = ngram_sample(text) if self.containment > 0 else set()
+        match = self._near_duplicate_of(grams)
+        if group not in self.canonical:
+            self.stats["groups"] += 1
+            if match is not None and match != group:
+                self.canonical[group] = match
+                self.stats["near_duplicates_joined"] += 1
+            else:
+                self.canonical[group] = group
+                self.stats["heldout_groups"] += int(self.side(group))
+        canonical = self.canonical[group]
+        if match is not None and self.side(match) != self.side(canonical):
+            self.stats["crossing_near_duplicates"] += 1
+            if len(self.stats["crossing_examples"]) < 20:
+                self.stats["crossing_examples"].append({"id": doc_id, "group": group, "near_duplicate_of": match})
+        for g in grams:
+            self.owner.setdefault(g, canonical)
+        return self.side(canonical)
+
+
+def split_heldout(frame: pd.DataFrame, settings: CorpusSettings, groups: list[str] | None = None) -> pd.Series:
+    """Which rows of `frame` (id, text, optional meta and source columns) are held out, by origin group.
+
+    The same rule as ingest (`HeldoutSplitter`, groups from `origin_group` unless given), in row order.
+    """
+    splitter = HeldoutSplitter(settings)
+    records = frame.to_dict(orient="records")
+    keys = groups if groups is not None else [origin_group(r, str(r["id"]), settings) for r in records]
+    return pd.Series([splitter.assign(str(r["id"]), k, str(r["text"])) for r, k in zip(records, keys, strict=True)],
+                     index=frame.index, name="heldout")
 
 
 def clean_records(records: Iterable[RawRecord], settings: CorpusSettings, report: IngestReport,
                   count_tokens: TokenCounter = approx_token_count) -> Iterator[tuple[dict[str, Any], bool]]:
     """Validated documents as (row, heldout) pairs; every rejection is recorded in `report`."""
     seen: set[str] = set()
+    splitter = HeldoutSplitter(settings) if settings.heldout_fraction > 0 else None
+    if splitter is not None:
+        report.split = splitter.stats  # the same dict, kept current as documents arrive
     for rec in records:
         report.read += 1
         if rec.error is not None:
@@ -245,7 +384,8 @@ def clean_records(records: Iterable[RawRecord], settings: CorpusSettings, report
             source = Path(rec.file.split("@")[0]).name.split(".")[0]
         row = {"id": doc_id, "text": text, "source": str(source),
                "n_chars": len(text), "n_tokens": count_tokens(text)}
-        yield row, is_heldout(doc_id, settings.heldout_fraction)
+        heldout = splitter is not None and splitter.assign(doc_id, origin_group(rec.data, doc_id, settings), text)
+        yield row, heldout
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -324,3 +464,75 @@ def read_corpus(store: RunStore, step: str = "corpus", columns: list[str] | None
     if not shards:
         raise FileNotFoundError(f"{store.root / step}: no shards; run ingest(store, ..., step={step!r}) first")
     return pd.concat([pd.read_parquet(p, columns=columns) for p in shards], ignore_index=True)
+
+
+# -- the reference split ---------------------------------------------------------------------------
+
+REFERENCE_STEP = "reference"
+REFERENCE_SPLIT_STEP = "reference-split"
+REFERENCE_SPLIT_FILE = "split.json"
+SELECTION_PART, EVALUATION_PART = "selection", "evaluation"
+
+
+@dataclass
+class ReferenceSplitSettings:
+    """The reference set is split once: selectors read one part, evaluation the other (never both)."""
+
+    evaluation_fraction: float = setting(0.5, "share of reference documents (by a seeded hash of the id) that only "
+                                              "evaluation reads; the rest is the selection part, the only part a "
+                                              "selector, scorer, probe, DSIR target or target model reads")
+    seed: int = setting(0, "seed of the id hash")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.evaluation_fraction < 1.0:
+            raise ValueError(f"evaluation_fraction must be in (0, 1), got {self.evaluation_fraction}")
+
+
+def split_reference_ids(ids: Iterable[str], settings: ReferenceSplitSettings) -> dict[str, list[str]]:
+    """{"selection": ids, "evaluation": ids}, each in input order: evaluation when hash_unit(id, seed) < fraction."""
+    parts: dict[str, list[str]] = {SELECTION_PART: [], EVALUATION_PART: []}
+    for doc_id in ids:
+        part = EVALUATION_PART if hash_unit(str(doc_id), settings.seed) < settings.evaluation_fraction else SELECTION_PART
+        parts[part].append(str(doc_id))
+    return parts
+
+
+def split_reference(store: RunStore, settings: ReferenceSplitSettings | None = None,
+                    step: str = REFERENCE_STEP) -> dict[str, Any]:
+    """Split the reference step once and record both id lists in `<run>/reference-split/split.json`.
+
+    Without `settings`, the split already recorded keeps its settings (defaults for a new run). A
+    re-ingested reference (other ids) is split again with the same settings; the same ids and
+    settings always give the same split.
+    """
+    folder = store.step_dir(REFERENCE_SPLIT_STEP)
+    path = folder / REFERENCE_SPLIT_FILE
+    if settings is None:
+        recorded = store.read_config(REFERENCE_SPLIT_STEP)
+        settings = ReferenceSplitSettings(**recorded["params"]["settings"]) if recorded else ReferenceSplitSettings()
+    ids = read_corpus(store, step, columns=["id"])["id"].astype(str).tolist()
+    fingerprint = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
+    params = {"reference_step": step, "settings": settings, "reference_ids_sha256": fingerprint}
+    if store.begin(REFERENCE_SPLIT_STEP, params, seed=settings.seed) and path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    parts = split_reference_ids(ids, settings)
+    for part, members in parts.items():
+        if not members:
+            raise ValueError(f"{store.root / step}: the reference split leaves the {part} part empty ({len(ids)} "
+                             f"documents, evaluation_fraction={settings.evaluation_fraction}); add reference "
+                             "documents or change ReferenceSplitSettings.evaluation_fraction")
+    record = {"settings": settings, "reference_step": step, "reference_ids_sha256": fingerprint, **parts}
+    write_json_atomic(path, record)
+    store.mark_done(REFERENCE_SPLIT_STEP, info={part: len(members) for part, members in parts.items()})
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_reference(store: RunStore, part: str, step: str = REFERENCE_STEP,
+                   columns: list[str] | None = None) -> pd.DataFrame:
+    """One part of the reference set ("selection" or "evaluation"), in stored order (split on first use)."""
+    if part not in (SELECTION_PART, EVALUATION_PART):
+        raise ValueError(f"reference part must be {SELECTION_PART!r} or {EVALUATION_PART!r}, got {part!r}")
+    members = set(split_reference(store, step=step)[part])
+    frame = read_corpus(store, step, columns=None if columns is None else sorted(set(columns) | {"id"}))
+    frame = frame[frame["id"].astype(str).isin(members)].reset_index(drop=True)
+    return frame if columns is None else frame[columns]

@@ -20,7 +20,7 @@ import pandas as pd
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quadlib.cluster import load_assignments
-from quadlib.corpus import read_corpus
+from quadlib.corpus import SELECTION_PART, read_corpus, read_reference, split_reference
 from quadlib.embed import load_embeddings
 from quadlib.influence.estimators import PRESETS, make_estimator
 from quadlib.influence.scorer import InfluenceScorer
@@ -116,18 +116,22 @@ def prepare_scorer(store: RunStore, model: PreTrainedModel, tokenizer: PreTraine
     # The resolved estimator settings (damping, Fisher kind, scoring mode) are part of the identity:
     # a changed preset or library default must not mix two kinds of score in one cache.
     resolved = asdict(PRESETS[settings.preset])
-    identity = _identity({"proxy": proxy_config.get("params"), "score": asdict(settings), "estimator": resolved})
+    # The reference gradient is built from the reference's selection part: its split is part of the identity.
+    split = split_reference(store)
+    reference_split = {"settings": split["settings"], "reference_ids_sha256": split["reference_ids_sha256"]}
+    identity = _identity({"proxy": proxy_config.get("params"), "score": asdict(settings), "estimator": resolved,
+                          "reference_split": reference_split})
     step = f"{INFLUENCE_STEP}/{settings.estimator}-{identity}"
     folder = store.step_dir(step)
     estimator = make_estimator(settings.estimator, PRESETS[settings.preset])
     scorer = InfluenceScorer(model, tokenizer, estimator, max_length=settings.max_length)
     state = folder / "estimator.safetensors"
-    if store.begin(step, {"score": settings, "estimator": resolved, "proxy": proxy_config.get("params")},
-                   seed=settings.seed):
+    if store.begin(step, {"score": settings, "estimator": resolved, "proxy": proxy_config.get("params"),
+                          "reference_split": reference_split}, seed=settings.seed):
         estimator.load(model, state)
     else:
         pool = read_corpus(store, columns=["id", "text"])
-        reference = read_corpus(store, "reference", columns=["text"])
+        reference = read_reference(store, SELECTION_PART, columns=["text"])
         scorer.fit_texts(seeded_sample(pool, settings.fit_docs, settings.seed)["text"].tolist())
         scorer.set_reference_texts(seeded_sample(reference, settings.reference_docs, settings.seed)["text"].tolist())
         estimator.save(state)
@@ -141,9 +145,9 @@ def prepare_scorer(store: RunStore, model: PreTrainedModel, tokenizer: PreTraine
 
 def selection_context(store: RunStore, scorer: CachingScorer | None = None, model: PreTrainedModel | None = None,
                       tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> SelectionContext:
-    """Everything the selectors may need, read from the run folder."""
+    """Everything the selectors may need, read from the run folder; of the reference, only its selection part."""
     ids, vectors = load_embeddings(store)
-    reference = read_corpus(store, "reference", columns=["text"])["text"].tolist()
+    reference = read_reference(store, SELECTION_PART, columns=["text"])["text"].tolist()
     probe = HFProbeModel(model, tokenizer, reference[:64]) if model is not None and tokenizer is not None else None
     return SelectionContext(
         pool=read_corpus(store), reference_texts=reference, assignments=load_assignments(store),

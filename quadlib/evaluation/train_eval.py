@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from quadlib.corpus import read_corpus
+from quadlib.corpus import EVALUATION_PART, read_corpus, read_reference
 from quadlib.device import default_device
 from quadlib.evaluation.items import ITEMS_FILE, concat_items
 from quadlib.evaluation.lm_metrics import (LMMetricSettings, heldout_items, lambada_items, reference_items,
@@ -50,11 +50,13 @@ METRICS_FILE = "metrics.json"
 class EvalSettings:
     """What to measure after training; the same for every method and seed."""
 
-    reference_step: str | None = setting("reference", "run step holding the reference set; None skips it")
+    reference_step: str | None = setting("reference", "run step holding the reference set (only its evaluation "
+                                                      "part is read, see quadlib.corpus.split_reference); None skips it")
     heldout_step: str | None = setting("heldout", "run step of held-out pool documents; None (or absent) skips it")
     lambada: bool = setting(False, "also report LAMBADA last-word accuracy on the reference texts "
                                    "(set when the reference set is LAMBADA)")
-    max_reference_docs: int | None = setting(None, "evaluate only the first N reference documents (None: all)")
+    max_reference_docs: int | None = setting(None, "evaluate only the first N documents of the reference's "
+                                                   "evaluation part (None: all)")
     max_heldout_docs: int | None = setting(None, "evaluate at most N held-out documents, spread evenly over "
                                                            "sources (None: all)")
     eval_dir: str | None = setting(None, "folder of the multiple-choice task files (../shared/data/eval); None skips tasks")
@@ -122,7 +124,7 @@ def evaluate_model_items(store: RunStore, model: PreTrainedModel, tokenizer: Pre
     metrics: dict[str, float] = {}
     items: list[pd.DataFrame] = []
     if settings.reference_step is not None:
-        reference = read_corpus(store, settings.reference_step).iloc[: settings.max_reference_docs]
+        reference = read_reference(store, EVALUATION_PART, settings.reference_step).iloc[: settings.max_reference_docs]
         texts = reference["text"].tolist()
         ids = reference["id"].astype(str).tolist() if "id" in reference.columns else None
         values, rows = reference_items(model, tokenizer, texts, ids, lm)
