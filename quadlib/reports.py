@@ -21,6 +21,7 @@ REPORT_RENDERER = "plotly_mimetype+notebook"
 PLOTLY_BUNDLE_MARKER = "window.PlotlyConfig"
 REPORT_PAGE = "report.html"
 WIDGET_MIMETYPE = "application/vnd.jupyter.widget-view+json"
+STREAMING_ENGINE = "quad-streaming"
 
 
 def notebook_setup() -> None:
@@ -34,15 +35,93 @@ def notebook_setup() -> None:
     pio.renderers.default = REPORT_RENDERER
 
 
+# Kernels of batch runs (the demo, the ablation workers, the tests): IPC transport (over TCP, ipykernel
+# warns on every start that its traffic is unencrypted), then `batch_kernel_setup`, and each cell's
+# stream outputs merged with "\r" applied (a tqdm bar is saved as its last state).
+BATCH_KERNEL = {"config": {"KernelManager": {"transport": "ipc"}},
+                "extra_arguments": ["--IPKernelApp.exec_lines=from quadlib.reports import batch_kernel_setup; "
+                                    "batch_kernel_setup()"],
+                "coalesce_streams": True}
+SHUTDOWN_INTERRUPT_LOG = "KeyboardInterrupt caught in kernel"
+
+
+def batch_kernel_setup() -> None:
+    """Start of a batch kernel: `tqdm.auto` becomes the text tqdm before any module binds it (widgets
+    can be neither shown nor saved by a batch run; text bars reach the terminal), and the kernel no
+    longer logs the SIGINT that jupyter_client sends before every shutdown request as an error."""
+    import logging
+
+    import tqdm.auto
+    import tqdm.autonotebook
+    import tqdm.std
+
+    for module in (tqdm.auto, tqdm.autonotebook):
+        module.tqdm, module.trange = tqdm.std.tqdm, tqdm.std.trange
+    logging.getLogger("IPKernelApp").addFilter(lambda record: SHUTDOWN_INTERRUPT_LOG not in record.getMessage())
+
+
+def _cell_title(cells: Sequence[Any], index: int) -> str:
+    """What a code cell does, for its progress line: its tag for a parameters cell, else the heading of
+    the markdown cell above it, else its first line of code."""
+    tags = set(cells[index].metadata.get("tags", []))
+    for tag in ("injected-parameters", "parameters"):
+        if tag in tags:
+            return tag.replace("-", " ")
+    for above in reversed(cells[:index]):
+        if above.cell_type == "markdown":
+            heading = next((line.strip("# ").strip() for line in above.source.splitlines() if line.strip()), "")
+            if heading:
+                return heading[:70]
+        elif above.cell_type == "code":
+            break
+    lines = [line for line in cells[index].source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return (lines[0].strip()[:70] if lines else "")
+
+
+def _streaming_engine() -> type:
+    """A papermill engine that prints one line as each code cell starts: `[quad] <label> cell 3/9 +12 s: title`."""
+    from papermill.engines import NBClientEngine
+
+    class StreamingEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man: Any, kernel_name: str, label: str = "", **kwargs: Any) -> Any:
+            cells = nb_man.nb.cells
+            code = [i for i, cell in enumerate(cells) if cell.cell_type == "code"]
+            start, began = nb_man.cell_start, time.perf_counter()
+
+            def announce(cell: Any, cell_index: int | None = None, **kw: Any) -> Any:
+                if cell_index in code:
+                    print(f"[quad] {label} cell {code.index(cell_index) + 1}/{len(code)} "
+                          f"+{time.perf_counter() - began:.0f} s: {_cell_title(cells, cell_index)}", flush=True)
+                return start(cell, cell_index, **kw)
+
+            nb_man.cell_start = announce
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    return StreamingEngine
+
+
 def execute_notebook(notebook: Path, output: Path, parameters: Mapping[str, Any], *,
                      cwd: Path = REPO_ROOT, progress: bool = False) -> float:
-    """Run `notebook` with papermill, injecting `parameters`; return the wall time in seconds."""
-    import papermill
+    """Run `notebook` with papermill, injecting `parameters`; return the wall time in seconds.
 
+    `progress`: stream to this process's terminal one line per code cell and everything the kernel
+    prints (its tqdm bars included) as it runs."""
+    import sys
+
+    import papermill
+    from papermill.engines import papermill_engines
+    from traitlets.config import Config
+
+    kernel = {**BATCH_KERNEL, "config": Config(BATCH_KERNEL["config"])}
+    if progress:
+        papermill_engines.register(STREAMING_ENGINE, _streaming_engine())
+        kernel |= {"engine_name": STREAMING_ENGINE, "label": Path(notebook).stem,
+                   "stdout_file": sys.stdout, "stderr_file": sys.stderr}
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters),
-                               kernel_name="python3", cwd=str(cwd), progress_bar=progress)
+                               kernel_name="python3", cwd=str(cwd), progress_bar=False, **kernel)
     return time.perf_counter() - start
 
 
@@ -63,7 +142,8 @@ def run_notebooks(names: Sequence[str], parameters: Mapping[str, Mapping[str, An
     """Execute notebooks in order with per-notebook parameters into `reports/<name>.ipynb`."""
     for name in names:
         output = reports / f"{name}.ipynb"
-        seconds = execute_notebook(notebooks_dir / f"{name}.ipynb", output, parameters.get(name, {}))
+        print(f"[quad] {name}: running", flush=True)
+        seconds = execute_notebook(notebooks_dir / f"{name}.ipynb", output, parameters.get(name, {}), progress=True)
         print(f"[quad] {name}: {seconds:.0f} s -> {output}", flush=True)
 
 

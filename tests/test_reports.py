@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from quadlib.reports import PLOTLY_BUNDLE_MARKER, REPORT_PAGE, build_report, execute_notebook
+from quadlib.reports import PLOTLY_BUNDLE_MARKER, REPO_ROOT, REPORT_PAGE, WIDGET_MIMETYPE, build_report, execute_notebook
 
 # A miniature recipe: parameters cell, the notebooks' common setup, a plotly figure, a print, a warning.
 CELLS = [
@@ -63,3 +65,39 @@ def test_per_notebook_pages_and_index(reports: Path) -> None:
 def test_report_without_executed_notebooks_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="make demo"):
         build_report(tmp_path)
+
+
+STREAMED = [
+    ("STEPS = 3", ["parameters"]),
+    ("# Warm-up\nimport time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(STEPS), desc='bar-marker'):\n"
+     "    time.sleep(0.05)\nprint('stdout-marker')", []),
+    ("import logging\nlogging.getLogger('IPKernelApp').error('KeyboardInterrupt caught in kernel')\n"
+     "logging.getLogger('IPKernelApp').error('other-kernel-error')", []),
+]
+
+
+def test_a_streamed_run_prints_each_cell_and_the_kernels_output(tmp_path: Path) -> None:
+    """`make demo` printed nothing until a notebook ended, its bars were widgets inside the notebook, and every
+    kernel start logged ipykernel's unencrypted-TCP warning. Run in a subprocess to see the kernel's own stderr."""
+    recipe = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Title")] + [
+        nbformat.v4.new_code_cell(src, metadata={"tags": tags}) for src, tags in STREAMED])
+    recipe.cells.insert(2, nbformat.v4.new_markdown_cell("## Loop section"))
+    recipe.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(recipe, tmp_path / "streamed.ipynb")
+    script = ("from pathlib import Path\nfrom quadlib.reports import execute_notebook\n"
+              f"execute_notebook(Path({str(tmp_path / 'streamed.ipynb')!r}), Path({str(tmp_path / 'out.ipynb')!r}), "
+              "{'STEPS': 4}, progress=True)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[quad] streamed cell")]
+    assert [line.split(": ", 1)[1] for line in lines] == ["parameters", "injected parameters", "Loop section",
+                                                          "import logging"]
+    assert [line.split()[3] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "stdout-marker" in done.stdout
+    assert "bar-marker: 100%" in done.stderr and "4/4" in done.stderr  # the text bar, streamed to the terminal
+    assert "without encryption" not in done.stderr
+    assert "KeyboardInterrupt caught in kernel" not in done.stderr and "other-kernel-error" in done.stderr
+    saved = next(c for c in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells if "bar-marker" in c.source).outputs
+    bars = [o["text"] for o in saved if o.get("name") == "stderr"]
+    assert len(bars) == 1 and "\r" not in bars[0] and bars[0].count("bar-marker") == 1  # the bar's last state only
+    assert not any(WIDGET_MIMETYPE in o.get("data", {}) for o in saved)
