@@ -108,20 +108,25 @@ def execute_notebook(notebook: Path, output: Path, parameters: Mapping[str, Any]
     `progress`: stream to this process's terminal one line per code cell and everything the kernel
     prints (its tqdm bars included) as it runs."""
     import sys
+    import tempfile
 
     import papermill
     from papermill.engines import papermill_engines
     from traitlets.config import Config
 
-    kernel = {**BATCH_KERNEL, "config": Config(BATCH_KERNEL["config"])}
-    if progress:
-        papermill_engines.register(STREAMING_ENGINE, _streaming_engine())
-        kernel |= {"engine_name": STREAMING_ENGINE, "label": Path(notebook).stem,
-                   "stdout_file": sys.stdout, "stderr_file": sys.stderr}
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters),
-                               kernel_name="python3", cwd=str(cwd), progress_bar=False, **kernel)
+    # the IPC sockets' own folder: kernels started at once (ablation workers) must not share socket names
+    with tempfile.TemporaryDirectory(prefix="quad-kernel-") as sockets:
+        config = Config(BATCH_KERNEL["config"])
+        config.KernelManager.ip = str(Path(sockets) / "kernel")
+        kernel = {**BATCH_KERNEL, "config": config}
+        if progress:
+            papermill_engines.register(STREAMING_ENGINE, _streaming_engine())
+            kernel |= {"engine_name": STREAMING_ENGINE, "label": Path(notebook).stem,
+                       "stdout_file": sys.stdout, "stderr_file": sys.stderr}
+        papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters),
+                                   kernel_name="python3", cwd=str(cwd), progress_bar=False, **kernel)
     return time.perf_counter() - start
 
 
