@@ -16,13 +16,13 @@ from quadlib.corpus import approx_token_count
 from quadlib.selection import SELECTORS, BanditSettings, SelectionContext, make_selector
 from quadlib.selection.context import fill_budget
 from quadlib.selection.methods.qurating import QuRatingSelector
-from quadlib.selection.methods.semdedup import dedup_cluster
 from quadlib.selection.probes import HFProbeModel
 from quadlib.synthetic import DOMAINS, REFERENCE_DOMAINS, SyntheticSettings, generate
 
 BUDGET = 1_500
 SMALL_SETTINGS = {
-    "topk_influence": {"sample_size": 60}, "topk_clusters": {"sample_per_cluster": 4},
+    "topk_influence": {"sample_size": 60}, "topk_influence_quadcost": {"equal_cost_with": None, "sample_size": 60},
+    "topk_clusters": {"sample_per_cluster": 4},
     "mates": {"n_oracle": 12}, "group_mates": {"n_rollouts": 3, "rollout_length": 3, "picks_per_step": 4},
     "quad": {"k": 2, "batch_size": 8, "gamma": 0.25},
 }
@@ -39,10 +39,10 @@ def hashed_embeddings(texts: list[str], dim: int = 48) -> np.ndarray:
 
 def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     words = sorted({w for t in texts for w in t.split()})
-    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
 class LengthRater:
@@ -115,12 +115,6 @@ def test_mates_oracles_come_from_real_probes(ctx):
     assert ctx.probe.reference_loss() == pytest.approx(before)  # probes restore the weights
     oracle = np.array(selection.extra["oracle"])
     assert np.isfinite(oracle).all() and np.ptp(oracle) > 0
-
-
-def test_semdedup_keeps_one_per_near_duplicate_group():
-    vectors = np.array([[1.0, 0.0], [0.999, 0.01], [0.0, 1.0], [0.7, 0.7]])
-    kept = dedup_cluster(vectors, np.array(["a", "b", "c", "d"]), threshold=0.95)
-    assert sorted(kept.tolist()) in ([0, 2, 3], [1, 2, 3])
 
 
 def test_qurating_needs_a_rater(ctx):

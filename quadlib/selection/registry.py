@@ -7,7 +7,11 @@ from typing import Any
 from quadlib.selection.methods.base import Selector
 from quadlib.selection.methods.dsir import DSIRSelector
 from quadlib.selection.methods.group_mates import GroupMATESSelector
-from quadlib.selection.methods.influence_ranking import TopKClustersSelector, TopKInfluenceSelector
+from quadlib.selection.methods.influence_ranking import (
+    TopKClustersSelector,
+    TopKInfluenceQuadCostSelector,
+    TopKInfluenceSelector,
+)
 from quadlib.selection.methods.mates import MATESSelector
 from quadlib.selection.methods.perplexity import PerplexitySelector
 from quadlib.selection.methods.quad import QuadSelector
@@ -17,7 +21,7 @@ from quadlib.selection.methods.semdedup import SemDeDupSelector
 from quadlib.settings import from_dict
 
 SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (
-    RandomSelector, TopKInfluenceSelector, TopKClustersSelector, DSIRSelector, PerplexitySelector,
+    RandomSelector, TopKInfluenceSelector, TopKInfluenceQuadCostSelector, TopKClustersSelector, DSIRSelector, PerplexitySelector,
     SemDeDupSelector, MATESSelector, GroupMATESSelector, QuadSelector, QuRatingSelector,
 )}
 

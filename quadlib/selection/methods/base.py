@@ -82,3 +82,27 @@ def forward_cost(ctx: SelectionContext, rows: np.ndarray, n_params: int | None) 
     cost = Cost(docs_scored=len(rows))
     cost.add_forward(len(rows), int(ctx.pool["n_tokens"].to_numpy()[rows].sum()), n_params)
     return cost
+
+
+def reads(ctx: SelectionContext, *fields: str, **described: Any) -> dict[str, Any]:
+    """What a method read from `ctx`, for its export's manifest (issue 16: "its export records what it read").
+
+    Always the pool size and seed; per named context field a short description (rows, shape, the
+    scorer's cache file, the number of reference texts); `described` adds method-specific entries
+    (a model's name, a judge's identity).
+    """
+    out: dict[str, Any] = {"pool_docs": len(ctx.pool), "seed": ctx.seed}
+    for name in fields:
+        value = getattr(ctx, name)
+        if value is None:
+            out[name] = None
+        elif name == "reference_texts":
+            out[name] = {"docs": len(value), "split": getattr(ctx, "reference_split", "selection")}
+        elif name == "embeddings":
+            out[name] = {"shape": list(np.shape(value))}
+        elif name == "assignments":
+            out[name] = {"clusters": int(value["cluster"].nunique())}
+        else:
+            cache = getattr(getattr(value, "cache", None), "path", None)
+            out[name] = {"type": type(value).__name__, **({"cache": str(cache)} if cache is not None else {})}
+    return out | described

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quadlib.selection.context import Selection, SelectionContext, gumbel_order
-from quadlib.selection.methods.base import Selector
+from quadlib.selection.methods.base import Selector, reads
 from quadlib.selection.scoring import Cost
 from quadlib.settings import setting
 
@@ -58,4 +58,5 @@ class DSIRSelector(Selector):
         order = gumbel_order(log_weights, np.random.default_rng(ctx.seed))
         order = order[eligible[order]]
         cost = Cost(docs_scored=len(pool_texts) + len(reference))  # hashing only: no model passes, ~0 FLOPs
-        return self.ranked(ctx, order, log_weights, budget_tokens, cost, n_ineligible=int((~eligible).sum()))
+        return self.ranked(ctx, order, log_weights, budget_tokens, cost, n_ineligible=int((~eligible).sum()),
+                           reads=reads(ctx, "reference_texts"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from quadlib.selection.context import Selection, SelectionContext
-from quadlib.selection.methods.base import Selector, random_rows
+from quadlib.selection.methods.base import Selector, random_rows, reads
 from quadlib.selection.scoring import Cost
 
 
@@ -13,4 +13,5 @@ class RandomSelector(Selector):
     name = "random"
 
     def _select(self, ctx: SelectionContext, budget_tokens: int) -> Selection:
-        return self.ranked(ctx, random_rows(ctx), np.full(len(ctx.pool), np.nan), budget_tokens, Cost())
+        return self.ranked(ctx, random_rows(ctx), np.full(len(ctx.pool), np.nan), budget_tokens, Cost(),
+                           reads=reads(ctx))
