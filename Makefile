@@ -28,7 +28,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests -n 2 --dist loadfile
-	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
+	# the notebooks' defaults are the demo's; QUAD_NOTEBOOK_PROFILE=test runs them at test size in runs/nbval
+	QUAD_NOTEBOOK_PROFILE=test $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
 
 report: $(STAMP)
 	$(PY) -m quadlib.cli report --reports $(REPORTS)

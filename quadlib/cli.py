@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +20,28 @@ SCALE_HELP = "run per-shard steps on the local or the Ray executor (docs/scale.m
 
 
 def demo_parameters(run: str, pool: str, reference: str, seed: int, *, eval_dir: str | None = None,
-                    lambada: bool = False, ablations: bool = True, budget_fraction: float = 0.1,
-                    seeds: tuple[int, ...] = (0, 1, 2), task_limit: int | None = 200,
-                    train_tokens: int = 20_000) -> dict[str, dict[str, Any]]:
-    """Papermill parameters of the main job, per notebook (the notebooks' own defaults are tiny)."""
+                    lambada: bool = False, ablations: bool = True, budget_fraction: float | None = None,
+                    seeds: Sequence[int] | None = None, task_limit: int | None = None,
+                    train_tokens: int | None = None) -> dict[str, dict[str, Any]]:
+    """Papermill parameters of `quad demo`, per notebook: the run folder, the data, the seed and the
+    options given on the command line (None: not given). Every other setting is the notebook's own
+    default: the parameters cells hold the demo's settings (quadlib.reports.notebook_profile)."""
     common = {"RUN_DIR": run, "SEED": seed}
-    bandit = {"GAMMA": 0.25, "K": 4, "BATCH_SIZE": 16}
-    grids = [
-        {"grid": "alpha", "axes": {"ALPHA": [0.0, 0.1, 1.0, 10.0]}},
-        {"grid": "tau", "axes": {"TAU": [0.0, 0.5, 1.0]}},
-        {"grid": "mab_vs_topk"},
-        {"grid": "influence_variant"},
-        {"grid": "n_clusters", "axes": {"N_CLUSTERS": [8, 16, 64]}},
-        {"grid": "cluster_algorithm"},
-        {"grid": "budget", "axes": {"BUDGET_FRACTION": [0.05, 0.1, 0.2]}},
-    ]
+    options = {"BUDGET_FRACTION": budget_fraction, "SEEDS": None if seeds is None else list(seeds),
+               "TASK_LIMIT": task_limit, "TRAIN_TOKENS": train_tokens, "EVAL_DIR": eval_dir,
+               "LAMBADA": True if lambada else None, "ABLATIONS": None if ablations else []}
+    given = {name: value for name, value in options.items() if value is not None}
+
+    def only(*names: str) -> dict[str, Any]:
+        return {name: given[name] for name in names if name in given}
+
     return {
-        "01_cluster": common | {"POOL": pool, "REFERENCE": reference, "LIMIT": None, "K": 32, "MAP_SAMPLE": 1000},
-        "02_score": common | {"PROXY_MODEL": "tiny-llama", "TOKENIZER_VOCAB": 4096, "WARMUP_DOCS": 1000,
-                              "WARMUP_STEPS": 120, "FIT_DOCS": 256, "REFERENCE_DOCS": 256, "SAMPLES_PER_CLUSTER": 16},
-        "03_bandit": common | bandit | {"SAMPLE_SIZE": 1024, "N_ORACLE": 64,
-                                        "BUDGET_FRACTION": budget_fraction},
+        "01_cluster": common | {"POOL": pool, "REFERENCE": reference},
+        "02_score": common,
+        "03_bandit": common | only("BUDGET_FRACTION"),
         "04_ablate": common | {"RESULT_DIR": f"{run}-ablate/single"},
-        "05_evaluate": common | {"SEEDS": list(seeds), "TRAIN_TOKENS": train_tokens, "ABLATE_DIR": f"{run}-ablate",
-                                 "ABLATIONS": grids if ablations else [], "ABLATE_WORKERS": 2,
-                                 "EVAL_DIR": eval_dir, "TASK_LIMIT": task_limit, "LAMBADA": lambada,
-                                 "MAX_REFERENCE_DOCS": 1000,
-                                 "ABLATE_FIXED": bandit | {"UNITS": "score_std", "TRAIN_TOKENS": 10_000}},
+        "05_evaluate": common | {"ABLATE_DIR": f"{run}-ablate"}
+        | only("SEEDS", "TRAIN_TOKENS", "TASK_LIMIT", "EVAL_DIR", "LAMBADA", "ABLATIONS"),
     }
 
 
@@ -59,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     names = _available(NOTEBOOKS) if not args.only else args.only
     parameters = demo_parameters(args.run, args.pool, args.reference, args.seed, eval_dir=args.eval_dir,
                                  lambada=args.lambada, ablations=not args.no_ablations,
-                                 budget_fraction=args.budget_fraction, seeds=tuple(args.seeds),
+                                 budget_fraction=args.budget_fraction, seeds=args.seeds,
                                  task_limit=args.task_limit, train_tokens=args.train_tokens)
     run_notebooks(names, parameters, reports)
     report = build_report(reports)
@@ -118,12 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--eval-dir", default=None, help="zero-shot task files, e.g. ../shared/data/eval")
     demo.add_argument("--lambada", action="store_true", help="the reference is LAMBADA: report last-word accuracy")
-    demo.add_argument("--budget-fraction", type=float, default=0.1,
-                      help="selection budget as a fraction of the pool's tokens (every method)")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of 05_evaluate")
-    demo.add_argument("--train-tokens", type=int, default=20_000,
-                      help="tokens each method's model trains on in 05_evaluate (the same for every method)")
-    demo.add_argument("--task-limit", type=int, default=200, help="items per zero-shot task")
+    # unset options keep the notebooks' defaults, which are the demo's (their parameters cells)
+    demo.add_argument("--budget-fraction", type=float, default=None,
+                      help="selection budget as a fraction of the pool's tokens, every method (default: "
+                           "03_bandit's BUDGET_FRACTION)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=None,
+                      help="training seeds of 05_evaluate (default: its SEEDS)")
+    demo.add_argument("--train-tokens", type=int, default=None,
+                      help="tokens each method's model trains on in 05_evaluate, the same for every method "
+                           "(default: its TRAIN_TOKENS)")
+    demo.add_argument("--task-limit", type=int, default=None,
+                      help="items per zero-shot task (default: 05_evaluate's TASK_LIMIT)")
     demo.add_argument("--no-ablations", action="store_true", help="skip the ablation grids of 05_evaluate")
     demo.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks")
     demo.set_defaults(func=cmd_demo)

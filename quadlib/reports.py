@@ -22,6 +22,20 @@ PLOTLY_BUNDLE_MARKER = "window.PlotlyConfig"
 REPORT_PAGE = "report.html"
 WIDGET_MIMETYPE = "application/vnd.jupyter.widget-view+json"
 STREAMING_ENGINE = "quad-streaming"
+NOTEBOOK_PROFILE_VARIABLE = "QUAD_NOTEBOOK_PROFILE"
+NOTEBOOK_PROFILES = ("demo", "test")
+
+
+def notebook_profile() -> str:
+    """The size the notebooks' parameters cells take: "demo" (their defaults: the demo's settings and
+    run folder runs/demo, so a notebook opened after `make demo` reruns on its results), or "test" when
+    QUAD_NOTEBOOK_PROFILE=test (`make test` runs them under nbval at test size in runs/nbval)."""
+    import os
+
+    profile = os.environ.get(NOTEBOOK_PROFILE_VARIABLE) or "demo"
+    if profile not in NOTEBOOK_PROFILES:
+        raise ValueError(f"{NOTEBOOK_PROFILE_VARIABLE}={profile!r}: use one of {', '.join(NOTEBOOK_PROFILES)}")
+    return profile
 
 
 def notebook_setup() -> None:
