@@ -38,7 +38,8 @@ from scipy.stats import spearmanr
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from quadlib.influence.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, InfluenceEstimator, make_estimator
-from quadlib.influence.loss import Batch, document_losses
+from quadlib.influence.loss import Batch
+from quadlib.proxy.loss import document_losses
 from quadlib.influence.peers import kronfluence_scores, trak_scores
 from quadlib.influence.scorer import collate
 from quadlib.influence.toy import random_batch, tiny_llama

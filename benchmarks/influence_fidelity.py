@@ -25,7 +25,8 @@ from scipy.stats import spearmanr
 from quadlib.influence.capture import augment_bias, backward_pass
 from quadlib.influence.estimators import ESTIMATORS, InfluenceSettings, make_estimator
 from quadlib.influence.layers import TrackedLayer, discover_layers
-from quadlib.influence.loss import IGNORE, Batch, document_losses, summed_token_loss
+from quadlib.influence.loss import IGNORE, Batch, summed_token_loss
+from quadlib.proxy.loss import document_losses
 from quadlib.influence.toy import tiny_llama
 
 DAMPING = 0.1

@@ -11,7 +11,8 @@ from quadlib.influence.capture import augment_bias, backward_pass
 from quadlib.influence.estimators import ESTIMATORS, InfluenceEstimator, InfluenceSettings, make_estimator
 from quadlib.influence.kfac import DampedKroneckerInverse, FactorAccumulator, KroneckerFactors, kfac_inverses
 from quadlib.influence.layers import GROUPS, LayerPart, TrackedLayer, discover_layers, layer_gradient
-from quadlib.influence.loss import Batch, document_losses, summed_token_loss
+from quadlib.influence.loss import Batch, summed_token_loss
+from quadlib.proxy.loss import document_losses
 from quadlib.influence.projection import GradientProjector, ProjectionSettings
 from quadlib.influence.toy import random_batch, tiny_gpt2, tiny_llama
 

@@ -35,7 +35,8 @@ def test_score_texts_matches_estimator_in_input_order() -> None:
     direct = [scorer.estimator.score(scorer.model, collate([scorer.tokenize(t)], 0, torch.device("cpu"))).item()
               for t in TEXTS]
     np.testing.assert_allclose(scores, direct, rtol=1e-8, atol=1e-12)
-    assert scores[3] == 0.0, "an empty document predicts no token and has no influence"
+    assert scorer.tokenize("") == [0, 1], "an empty document is framed [bos] [eos] (the model's config ids)"
+    assert scorer.tokenize("x" * 40)[-1] == 1 and len(scorer.tokenize("x" * 40)) == 24, "cut text still ends in eos"
     assert scorer.cost.documents_scored == len(TEXTS) and scorer.cost.backward_passes > 0
     assert scorer.cost.flops == pytest.approx(6 * scorer.n_params * scorer.cost.tokens)
 

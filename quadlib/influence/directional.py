@@ -25,7 +25,8 @@ from torch.profiler import record_function
 from transformers.pytorch_utils import Conv1D
 
 from quadlib.influence.layers import TrackedLayer
-from quadlib.influence.loss import Batch, document_losses
+from quadlib.influence.loss import Batch
+from quadlib.proxy.loss import document_losses
 
 ParameterDirection = dict[str, torch.Tensor]  # parameter name -> tangent shaped like the parameter
 

@@ -40,7 +40,8 @@ from quadlib.influence.kfac import (
     kfac_inverses,
 )
 from quadlib.influence.layers import TrackedLayer, discover_layers
-from quadlib.influence.loss import IGNORE, Batch, document_losses, summed_token_loss
+from quadlib.influence.loss import IGNORE, Batch, summed_token_loss
+from quadlib.proxy.loss import document_losses
 from quadlib.runstore import atomic_path
 from quadlib.settings import setting
 

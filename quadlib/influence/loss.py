@@ -1,4 +1,6 @@
-"""The loss convention behind every score: next-token cross-entropy in nats, mean per token.
+"""Influence's own loss: the summed token CE with Fisher-sampled labels (the rest lives in quadlib.proxy.loss).
+
+The convention behind every score is next-token cross-entropy in nats, mean per token:
 
 - A document's loss L(theta, z) is the mean CE over its own predicted tokens, so long and short
   documents are on one scale and the bandit's threshold tau is in "nats per token".
@@ -12,45 +14,28 @@ labels are shifted here, as Hugging Face causal LMs do.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from quadlib.proxy.loss import IGNORE_INDEX
+from quadlib.proxy.loss import IGNORE_INDEX, Batch, next_token_logits, token_losses
 
-Batch = dict[str, torch.Tensor]
 IGNORE = IGNORE_INDEX  # one padding convention with training (quadlib.proxy.loss)
+# Positions whose softmax is held at once when sampling Fisher labels: 256 x 49,152 float32 is 50 MB,
+# where one float64 softmax of a whole 8 x 128 batch over that vocabulary was 400 MB (1.6 GB at 8 x 512).
+FISHER_SAMPLE_ROWS = 256
 
 
-def check_batch(batch: Batch) -> None:
-    missing = {"input_ids", "attention_mask", "labels"} - set(batch)
-    if missing:
-        raise ValueError(f"batch lacks {sorted(missing)}; expected input_ids, attention_mask, labels [B, T]")
-    shapes = {key: tuple(batch[key].shape) for key in ("input_ids", "attention_mask", "labels")}
-    if len(set(shapes.values())) != 1 or len(shapes["input_ids"]) != 2:
-        raise ValueError(f"batch tensors must all be [B, T]; got {shapes}")
+def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One label per position drawn from softmax(logits) [..., V] -> [...] (long, on the logits' device).
 
-
-def next_token_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits for positions 0..T-2, which predict tokens 1..T-1: [B, T-1, V]."""
-    check_batch(batch)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits[:, :-1]
-
-
-def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CE per predicted token [B, T-1] (0 where ignored) and the mask of predicted tokens [B, T-1]."""
-    mask = targets != IGNORE
-    flat = logits.flatten(0, 1)  # [B*(T-1), V]
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()  # half-precision CE loses the small differences scores are made of
-    ce = F.cross_entropy(flat, targets.clamp_min(0).flatten(), reduction="none")
-    return ce.view(targets.shape) * mask, mask
-
-
-def document_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Each document's mean CE over its own predicted tokens [B] (0 for a document with none)."""
-    ce, mask = token_losses(next_token_logits(model, batch), batch["labels"][:, 1:])
-    return ce.sum(1) / mask.sum(1).clamp_min(1)
+    The softmax is formed in float32, FISHER_SAMPLE_ROWS positions at a time, and drawn with the CPU
+    `generator` in position order, so the same seed draws the same labels on any device.
+    """
+    flat = logits.detach().flatten(0, -2)  # [N, V]
+    drawn = torch.empty(flat.shape[0], dtype=torch.long)
+    for start in range(0, flat.shape[0], FISHER_SAMPLE_ROWS):
+        probs = torch.softmax(flat[start:start + FISHER_SAMPLE_ROWS].float(), dim=-1).cpu()  # [n, V]
+        drawn[start:start + FISHER_SAMPLE_ROWS] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return drawn.view(logits.shape[:-1]).to(logits.device)
 
 
 def summed_token_loss(model: nn.Module, batch: Batch, sample_generator: torch.Generator | None = None
@@ -64,8 +49,6 @@ def summed_token_loss(model: nn.Module, batch: Batch, sample_generator: torch.Ge
     logits = next_token_logits(model, batch)  # [B, T-1, V]
     targets = batch["labels"][:, 1:]
     if sample_generator is not None:
-        probs = torch.softmax(logits.detach().double(), dim=-1).flatten(0, 1)
-        drawn = torch.multinomial(probs.cpu(), 1, generator=sample_generator).view(targets.shape)
-        targets = torch.where(targets == IGNORE, targets, drawn.to(targets.device))
+        targets = torch.where(targets == IGNORE, targets, sample_labels(logits, sample_generator))
     ce, mask = token_losses(logits, targets)
     return ce.sum(), int(mask.sum())

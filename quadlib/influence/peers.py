@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers.pytorch_utils import Conv1D
 
-from quadlib.influence.loss import Batch, document_losses, summed_token_loss
+from quadlib.influence.loss import Batch, summed_token_loss
+from quadlib.proxy.loss import document_losses
 
 
 @dataclass

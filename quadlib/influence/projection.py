@@ -19,7 +19,8 @@ from torch import nn
 
 from quadlib.influence.capture import augment_bias, backward_pass
 from quadlib.influence.layers import TrackedLayer
-from quadlib.influence.loss import Batch, document_losses
+from quadlib.influence.loss import Batch
+from quadlib.proxy.loss import document_losses
 from quadlib.settings import setting
 
 PROJECTION_KINDS = ("gaussian", "rademacher")

@@ -21,7 +21,8 @@ from transformers import PreTrainedTokenizerBase
 from quadlib.device import default_device
 from quadlib.influence.cache import ScoreCache
 from quadlib.influence.estimators import DEFAULT_ESTIMATOR, InfluenceEstimator, make_estimator
-from quadlib.influence.loss import IGNORE, Batch
+from quadlib.influence.loss import Batch
+from quadlib.proxy.batching import document_delimiters, frame_documents, pad_batch
 
 TextEncoder = Callable[[str], Sequence[int]]
 PASSES_PER_FIT_BATCH = {"none": 0, "kfac": 1, "ekfac": 2}
@@ -63,15 +64,8 @@ def encoder_for(tokenizer: PreTrainedTokenizerBase | TextEncoder | object) -> Te
 
 @record_function("influence.collate")
 def collate(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Batch:
-    """Right-padded batch: input_ids, attention_mask and labels (-100 on padding), all [B, T]."""
-    width = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, :len(seq)] = 1
-    labels = ids.masked_fill(mask == 0, IGNORE)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    """Right-padded batch (`quadlib.proxy.pad_batch`) on `device`: input_ids, attention_mask, labels [B, T]."""
+    return {key: value.to(device) for key, value in pad_batch(sequences, pad_id).items()}
 
 
 class InfluenceScorer:
@@ -84,19 +78,20 @@ class InfluenceScorer:
         self.model = model.to(self.device)
         self.estimator = make_estimator(estimator) if isinstance(estimator, str) else estimator
         self.encode = encoder_for(tokenizer)
-        self.eos_id = getattr(tokenizer, "eos_token_id", None)
+        # The one framing, [bos] text [eos] (quadlib.proxy.batching); a plain callable encoder has no
+        # special tokens of its own, so its frame takes bos/eos from the model's config.
+        framing = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else getattr(model, "config", None)
+        self.bos_id, self.eos_id = document_delimiters(framing)
         pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = int(pad if pad is not None else self.eos_id if self.eos_id is not None else 0)
+        self.pad_id = int(pad if pad is not None else self.eos_id)
         self.max_length = max_length
         self.batch_size = batch_size or self.estimator.settings.batch_size
         self.n_params = sum(p.numel() for p in model.parameters())
         self.cost = ScoringCost()
 
     def tokenize(self, text: str) -> list[int]:
-        ids = list(self.encode(text))
-        if self.eos_id is not None:
-            ids.append(int(self.eos_id))
-        return ids[:self.max_length]
+        """`[bos] text [eos]` in at most max_length tokens, as training and evaluation frame it."""
+        return frame_documents([self.encode(text)], self.bos_id, self.eos_id, self.max_length)[0]
 
     def batches(self, texts: Sequence[str]) -> Iterator[tuple[list[int], Batch]]:
         """(positions in `texts`, batch) with similar lengths together; every position exactly once."""

@@ -1,7 +1,13 @@
 """Documents to model inputs: per-document encoding, padded batches, and packed pretraining blocks.
 
-Every document is encoded as `[bos] text [eos]`, so its first text token is predicted too and the
-end of a document is learned; tokenizers whose bos is missing use eos in its place (GPT-2, Pythia).
+The one framing (issue 13): every document is encoded as `[bos] text [eos]` by training, evaluation,
+influence (fit, reference, scoring), perplexity and the MATES probes, so its first text token is
+predicted too and the end of a document is learned; tokenizers whose bos is missing use eos in its
+place (GPT-2 and Pythia separate documents with their one <|endoftext|>, so the same token opens a
+document in their own training). The text is tokenised without the tokenizer's own special tokens
+(a Llama tokenizer would add a second bos). A pretrained model keeps its own tokenizer's bos/eos:
+SmolLM2-Instruct frames as `<|im_start|> text <|im_end|>`. Task log-likelihoods follow lm-eval's
+framing instead (quadlib.evaluation.loglik), so they stay comparable with the harness.
 Padded batches put IGNORE_INDEX on padding labels, so the loss (see `quadlib.proxy.loss`: mean
 cross-entropy per predicted non-pad token, in nats) is the same however documents are batched.
 """
@@ -17,12 +23,27 @@ from quadlib.proxy.loss import IGNORE_INDEX
 
 
 def document_delimiters(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
-    """(bos id, eos id) framing each document; bos falls back to eos."""
+    """(bos id, eos id) framing each document; bos falls back to eos.
+
+    Anything with `bos_token_id`/`eos_token_id` attributes serves (a model's config too).
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token; documents need an end marker")
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos token; "
+                         "documents need an end marker (set tokenizer.eos_token)")
     bos = tokenizer.bos_token_id
     return (eos if bos is None else bos), eos
+
+
+def frame_documents(bodies: Sequence[Sequence[int]], bos: int, eos: int, max_length: int | None) -> list[list[int]]:
+    """`[bos] body [eos]` per document, the body cut so the whole fits in `max_length` (None: whole).
+
+    A truncated document still ends with eos.
+    """
+    if max_length is not None and max_length < 3:
+        raise ValueError(f"max_length {max_length} leaves no room for text between bos and eos")
+    body_limit = None if max_length is None else max_length - 2
+    return [[bos, *list(body)[:body_limit], eos] for body in bodies]
 
 
 def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
@@ -31,12 +52,16 @@ def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
 
     A truncated document still ends with eos. `max_length=None` keeps documents whole (packing).
     """
-    if max_length is not None and max_length < 3:
-        raise ValueError(f"max_length {max_length} leaves no room for text between bos and eos")
     bos, eos = document_delimiters(tokenizer)
-    body_limit = None if max_length is None else max_length - 2
+    if not len(texts):
+        return []
     bodies = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    return [[bos, *body[:body_limit], eos] for body in bodies]
+    return frame_documents(bodies, bos, eos, max_length)
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The padding id: the tokenizer's pad token, else its eos (padding is masked out of every loss)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_delimiters(tokenizer)[1]
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -62,7 +87,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Ten
 def document_batches(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
                      batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of `batch_size` documents in the given order (the last may be smaller)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_delimiters(tokenizer)[1]
+    pad_id = pad_id_of(tokenizer)
     for start in range(0, len(texts), batch_size):
         yield pad_batch(encode_documents(tokenizer, texts[start:start + batch_size], max_length), pad_id)
 

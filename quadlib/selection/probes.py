@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from quadlib.device import default_device
+from quadlib.proxy import causal_lm_loss, encode_documents, pad_batch, pad_id_of
 from quadlib.selection.scoring import Cost
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -44,7 +45,8 @@ class HFProbeModel:
     """`ProbeModel` on a Hugging Face causal LM, its tokenizer and the reference texts.
 
     Also offers `doc_losses(texts)` (per-document mean token loss) for the PPL baseline.
-    The tokenizer needs a pad token (set `tokenizer.pad_token` before passing it).
+    The tokenizer needs a pad token (set `tokenizer.pad_token` before passing it) and an eos token:
+    documents are framed `[bos] text [eos]` as in training and influence (`quadlib.proxy.encode_documents`).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, reference_texts: Sequence[str], *, lr: float = 1e-3,
@@ -66,17 +68,15 @@ class HFProbeModel:
         self._base_loss: float | None = None
 
     def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+        """The one framing `[bos] text [eos]` of training and influence (`quadlib.proxy.encode_documents`)."""
+        batch = pad_batch(encode_documents(self.tokenizer, texts, self.max_length), pad_id_of(self.tokenizer))
+        return {key: value.to(self.device) for key, value in batch.items()}
 
     def _token_loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-document summed next-token loss `[B]` and predicted-token counts `[B]`."""
-        logits = self.model(**batch).logits[:, :-1]  # [B, T-1, V]
-        targets = batch["input_ids"][:, 1:]  # [B, T-1]
-        mask = batch["attention_mask"][:, 1:].to(logits.dtype)  # [B, T-1]
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, T-1]
-        return (losses * mask).sum(dim=1), mask.sum(dim=1)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        counts = batch["attention_mask"][:, 1:].sum(dim=1).to(torch.float32)  # [B] predicted tokens
+        return causal_lm_loss(logits, batch["labels"], "per_sequence") * counts, counts
 
     def _batches(self, texts: Sequence[str]) -> list[list[str]]:
         return [list(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
