@@ -7,6 +7,8 @@ imports what it needs when it runs, and `quad scale` builds its options when it 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,11 +81,13 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     from quadlib.runstore import RunStore
 
     store = RunStore(args.run)
-    pool = ingest(store, args.pool, settings=CorpusSettings(text_field=args.text_field, shard_size=args.shard_size,
-                                                            heldout_fraction=args.heldout_fraction,
-                                                            group_field=args.group_field))
+    pool_settings = CorpusSettings(text_field=args.text_field, shard_size=args.shard_size,
+                                   heldout_fraction=args.heldout_fraction, group_field=args.group_field,
+                                   overlap_step="reference", drop_overlap=args.drop_overlap)
+    # the reference first, so the pool's documents are checked against it (by id and by text)
     ref = ingest(store, args.reference, step="reference",
                  settings=CorpusSettings(text_field=args.text_field, id_field=None, source_field=None))
+    pool = ingest(store, args.pool, settings=pool_settings)
     split = split_reference(store)
     print(f"pool: {pool['kept']} kept, {pool['heldout']} held out (by origin group), {pool['skipped_total']} skipped "
           f"in {len(pool['shards'])} shards; reference: {ref['kept']} ({len(split['selection'])} for selection, "
@@ -144,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--group-field", default=None,
                      help="record field naming a document's origin group for the held-out split (e.g. meta.book); "
                           "default: inferred from meta, else the id")
+    ing.add_argument("--drop-overlap", action="store_true",
+                     help="drop pool documents that are also in the reference set (by id or text); "
+                          "without it they are only reported")
     ing.set_defaults(func=cmd_ingest)
 
     # its options are parsed by cmd_scale: prefix "+" makes "--run" and "--help" plain words to this parser
@@ -159,8 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    """Run one command. An error prints one line, `quad: error: <message>` (the message names the file,
+    the record and the fix), and exits 1; `--traceback` or QUAD_TRACEBACK=1 shows the traceback instead."""
+    parser = build_parser()
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, print the full traceback (also QUAD_TRACEBACK=1); accepted anywhere")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    traceback = "--traceback" in argv  # also after the command's own options: `quad ingest ... --traceback`
+    args = parser.parse_args([a for a in argv if a != "--traceback"])
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("quad: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as exc:  # noqa: BLE001 - the one place every command's error is reported
+        if traceback or os.environ.get("QUAD_TRACEBACK", "") not in ("", "0"):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"quad: error: {message} (--traceback for details)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

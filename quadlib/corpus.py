@@ -7,7 +7,16 @@ Inputs: `.jsonl`, `.jsonl.gz`, `.parquet`, a folder or glob of such files, or a 
 dataset written as ``hf:<hub name or local path>[@split]`` (streamed). Bad records (invalid JSON,
 undecodable bytes, a missing or empty text, a duplicate id, a text far over the length limit) are
 counted and reported by file and line; they are skipped or truncated as configured and never crash
-the run. The report is written to `<run>/<step>/summary.json`.
+the run. A `.jsonl.gz` cut short keeps every record before the cut and reports where it ends. A file
+that cannot be read at all (0 bytes, not parquet, not gzip, a name that is not UTF-8) stops the
+ingest with one line naming the file and the fix. The report is written to
+`<run>/<step>/summary.json`; truncated documents, a truncated file and documents shared with the
+reference set (by id or by text) are also warned on the terminal.
+
+A rerun writes the new shards beside the finished ones and swaps them in only when complete
+(`RunStore.staged`), under the step's run-folder lock, so a failed, killed or concurrent ingest never
+leaves a mix. The step's parameters include each input file's size and modification time, so a
+pool edited in place is ingested again.
 """
 
 from __future__ import annotations
@@ -17,9 +26,12 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +40,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from quadlib.runstore import RunStore, atomic_path, write_json_atomic
+from quadlib.runstore import RunStore, atomic_path, file_fingerprints, write_json_atomic
 from quadlib.settings import setting
 
 log = logging.getLogger(__name__)
 
 CORPUS_COLUMNS = ("id", "text", "source", "n_chars", "n_tokens")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+UTF8_BOM = b"\xef\xbb\xbf"
 HF_PREFIX = "hf:"
 _WORDPIECE = re.compile(r"\w+|[^\w\s]")
 
@@ -65,6 +78,9 @@ class CorpusSettings:
                                                      "with an earlier one joins that one's group (0 turns it off)")
     split_seed: int = setting(0, "seed of the held-out split's group hash")
     max_examples: int = setting(20, "bad-record examples kept per reason in the summary")
+    overlap_step: str | None = setting(None, "a finished step of this run (the reference set) whose documents "
+                                       "are looked up here by id and by text hash; shared ones are reported")
+    drop_overlap: bool = setting(False, "drop the documents shared with overlap_step instead of only reporting them")
 
     def __post_init__(self) -> None:
         if self.too_long not in ("truncate", "skip"):
@@ -73,6 +89,14 @@ class CorpusSettings:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if not 0.0 <= self.near_duplicate_containment <= 1.0:
             raise ValueError(f"near_duplicate_containment must be in [0, 1], got {self.near_duplicate_containment}")
+        for name in ("shard_size", "max_chars", "max_examples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"limit must be None or a positive whole number, got {self.limit!r}")
+        if self.drop_overlap and self.overlap_step is None:
+            raise ValueError("drop_overlap needs overlap_step (the step holding the reference set)")
 
 
 @dataclass
@@ -94,6 +118,8 @@ class IngestReport:
     heldout: int = 0
     truncated: int = 0
     split: dict[str, Any] = field(default_factory=dict)
+    worst_cut: dict[str, Any] | None = None  # the truncated document that kept the smallest fraction
+    overlap: dict[str, Any] | None = None  # documents shared with the reference step
     skipped: Counter = field(default_factory=Counter)
     by_file: dict[str, Counter] = field(default_factory=dict)
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -113,7 +139,32 @@ class IngestReport:
             "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),
             "by_file": {k: dict(v) for k, v in self.by_file.items()}, "examples": self.examples,
             "heldout_split": self.split,
+            "worst_cut": self.worst_cut, "overlap": self.overlap,
         }
+
+    def cut(self, rec: RawRecord, n_chars: int, max_chars: int) -> None:
+        """Remember the document that lost the largest share of its length to truncation."""
+        kept = max_chars / n_chars
+        if self.worst_cut is None or kept < self.worst_cut["kept_fraction"]:
+            self.worst_cut = {"file": rec.file, "line": rec.line, "n_chars": n_chars, "kept_fraction": kept}
+
+    def warnings(self, step: str, settings: CorpusSettings) -> list[str]:
+        """One line per thing a user must know about (truncations, a cut file, reference overlap)."""
+        out = []
+        if self.worst_cut is not None:
+            w = self.worst_cut
+            out.append(f"{step}: {self.truncated} document(s) longer than max_chars={settings.max_chars:,} were cut; "
+                       f"{w['file']}:{w['line']} kept {w['kept_fraction']:.0%} of its {w['n_chars']:,} chars "
+                       "(raise max_chars, or set too_long='skip' to drop them)")
+        for e in self.examples.get("truncated_file", []):
+            out.append(f"{step}: {e['file']} {e['detail']}")
+        if self.overlap is not None and self.overlap["documents"]:
+            o = self.overlap
+            action = ("dropped from the pool" if o["dropped"] else
+                      "kept (pass --drop-overlap, or drop_overlap=True, to remove them from the pool)")
+            out.append(f"{step}: {o['documents']} document(s) also in the {o['step']!r} step "
+                       f"({o['by_id']} by id, {o['by_text']} by text, e.g. {o['examples'][:3]}); {action}")
+        return out
 
     def describe(self) -> str:
         lines = [f"read {self.read}, kept {self.kept} (+{self.heldout} held out), truncated {self.truncated}, "
@@ -145,37 +196,92 @@ def expand_sources(spec: str | Path) -> list[str]:
         raise FileNotFoundError(f"{text}: no such file, folder or glob match (check the path)")
     if not files:
         raise FileNotFoundError(f"{text}: matched no {'/'.join(FILE_SUFFIXES)} files")
+    for name in files:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{ascii(name)}: the file name is not valid UTF-8, so it cannot be recorded as the "
+                             "documents' source; rename the file to a UTF-8 (e.g. ASCII) name") from None
     return files
 
 
+class _TruncatedStream(Exception):
+    """A gzip stream that ends before its end-of-stream marker (a cut download or copy)."""
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    """The raw lines of a JSON-lines file, gzip-compressed or not; raises `_TruncatedStream` where a
+    gzip stream is cut short, after yielding every line before the cut."""
+    if not path.endswith(".gz"):
+        with open(path, "rb") as f:
+            yield from f
+        return
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"\x1f\x8b":
+        hint = (f"it looks like plain JSON lines: rename it to {path[:-3]}" if head[:1] in (b"{", b"\n", b" ")
+                else "re-create it with gzip, or convert it to .jsonl or .parquet")
+        raise ValueError(f"{path}: not a gzip file (it starts with {head!r}); {hint}")
+    with gzip.open(path, "rb") as f:
+        try:
+            yield from f
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise _TruncatedStream(str(exc)) from None
+
+
 def _iter_jsonl(path: str) -> Iterator[RawRecord]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:  # bytes, so an undecodable line is one bad record, not a crash
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield RawRecord(path, lineno, None, f"undecodable_bytes: {exc.reason} at byte {exc.start}")
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield RawRecord(path, lineno, None, f"invalid_json: {exc.msg} (column {exc.colno})")
-                continue
-            if not isinstance(data, dict):
-                yield RawRecord(path, lineno, None, f"not_an_object: got {type(data).__name__}")
-                continue
-            yield RawRecord(path, lineno, data)
+    lineno = 0
+    lines = _lines(path)  # bytes, so an undecodable line is one bad record, not a crash
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except _TruncatedStream as exc:
+            yield RawRecord(path, lineno + 1, None,
+                            f"truncated_file: ends mid-stream after line {lineno} ({exc}); the {lineno} line(s) "
+                            "before the cut are kept: download or compress the file again to get the rest")
+            return
+        lineno += 1
+        if lineno == 1 and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM):]  # a byte-order mark some editors write; not part of the JSON
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield RawRecord(path, lineno, None, f"undecodable_bytes: {exc.reason} at byte {exc.start}")
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield RawRecord(path, lineno, None, f"invalid_json: {exc.msg} (column {exc.colno})")
+            continue
+        if not isinstance(data, dict):
+            yield RawRecord(path, lineno, None, f"not_an_object: got {type(data).__name__}")
+            continue
+        yield RawRecord(path, lineno, data)
 
 
 def _iter_parquet(path: str) -> Iterator[RawRecord]:
+    """Rows of a parquet file; a file that is not parquet (0 bytes, another format renamed) stops the
+    ingest naming it, and is never handed to any other reader (a renamed pickle is never unpickled)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a parquet file; delete it or write it again")
+    try:
+        reader = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{path}: not a readable parquet file ({exc}); remove it from the input, or convert it "
+                         "to parquet or JSON lines") from None
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for data in batch.to_pylist():
-            row += 1
-            yield RawRecord(path, row, data)
+    try:
+        for batch in reader.iter_batches(batch_size=4096):
+            for data in batch.to_pylist():
+                row += 1
+                yield RawRecord(path, row, data)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{path}: unreadable after row {row} ({exc}); write the file again") from None
 
 
 def _iter_hf(spec: str, split: str) -> Iterator[RawRecord]:
@@ -345,8 +451,46 @@ def split_heldout(frame: pd.DataFrame, settings: CorpusSettings, groups: list[st
                      index=frame.index, name="heldout")
 
 
+@dataclass
+class OverlapIndex:
+    """Ids and text hashes (`content_id`) of a finished step, the reference set: documents of another
+    ingest found in it by either are counted, and dropped when `drop` is set. A reference text in the
+    pool lets selectors pick the very texts the evaluation then scores."""
+
+    step: str
+    ids: set[str]
+    texts: set[str]
+    drop: bool = False
+    by_id: int = 0
+    by_text: int = 0
+    documents: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, store: RunStore, step: str, drop: bool = False) -> OverlapIndex:
+        store.require_done(step, "the reference overlap check")
+        frame = read_corpus(store, step, columns=["id", "text"])
+        return cls(step, set(frame["id"]), {content_id(t) for t in frame["text"]}, drop)
+
+    def check(self, doc_id: str, text: str) -> bool:
+        """True (and counted) when the document is in the indexed step by id or by text."""
+        by_id, by_text = doc_id in self.ids, content_id(text) in self.texts
+        if by_id or by_text:
+            self.by_id += by_id
+            self.by_text += by_text
+            self.documents += 1
+            if len(self.examples) < 10:
+                self.examples.append(doc_id)
+        return by_id or by_text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "documents": self.documents, "by_id": self.by_id, "by_text": self.by_text,
+                "dropped": self.drop, "examples": self.examples}
+
+
 def clean_records(records: Iterable[RawRecord], settings: CorpusSettings, report: IngestReport,
-                  count_tokens: TokenCounter = approx_token_count) -> Iterator[tuple[dict[str, Any], bool]]:
+                  count_tokens: TokenCounter = approx_token_count,
+                  overlap: OverlapIndex | None = None) -> Iterator[tuple[dict[str, Any], bool]]:
     """Validated documents as (row, heldout) pairs; every rejection is recorded in `report`."""
     seen: set[str] = set()
     splitter = HeldoutSplitter(settings) if settings.heldout_fraction > 0 else None
@@ -372,6 +516,7 @@ def clean_records(records: Iterable[RawRecord], settings: CorpusSettings, report
             report.truncated += 1
             report.bad(rec, "too_long_truncated", settings.max_examples,
                        f"{len(text)} chars cut to {settings.max_chars}", skipped=False)
+            report.cut(rec, len(text), settings.max_chars)
             text = text[: settings.max_chars]
         raw_id = rec.data.get(settings.id_field) if settings.id_field else None
         doc_id = str(raw_id) if raw_id not in (None, "") else content_id(text)
@@ -379,6 +524,9 @@ def clean_records(records: Iterable[RawRecord], settings: CorpusSettings, report
             report.bad(rec, "duplicate_id", settings.max_examples, f"id {doc_id!r} already seen")
             continue
         seen.add(doc_id)
+        if overlap is not None and overlap.check(doc_id, text) and overlap.drop:
+            report.bad(rec, "in_reference", settings.max_examples, f"id {doc_id!r} is in step {overlap.step!r}")
+            continue
         source = rec.data.get(settings.source_field) if settings.source_field else None
         if not source:
             source = Path(rec.file.split("@")[0]).name.split(".")[0]
@@ -401,8 +549,6 @@ class _ShardWriter:
         self.folder, self.shard_size = folder, shard_size
         self.rows: list[dict[str, Any]] = []
         self.paths: list[Path] = []
-        for old in folder.glob("shard-*.parquet"):
-            old.unlink()
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -424,43 +570,92 @@ def ingest(store: RunStore, sources: str | Path | list[str | Path], *, step: str
            count_tokens: TokenCounter = approx_token_count, recompute: bool = False) -> dict[str, Any]:
     """Read, validate and shard `sources` into `<run>/<step>/`; return the summary.
 
-    Skipped when the step is done with the same sources and settings. Documents chosen by
-    `heldout_fraction` go to `<run>/<heldout_step>/` and are never offered for selection.
+    Skipped when the step is done with the same sources (and the same file sizes and modification
+    times), settings and reference step. Documents chosen by `heldout_fraction` go to
+    `<run>/<heldout_step>/` and are never offered for selection; with `heldout_fraction=0`, a
+    held-out step an earlier ingest of this step wrote is removed. The new step is built beside the
+    old one and replaces it only when complete, under the step's lock.
     """
     settings = settings or CorpusSettings()
     specs = [str(s) for s in (sources if isinstance(sources, list) else [sources])]
-    params = {"sources": specs, "settings": settings, "token_counter": getattr(count_tokens, "__name__", "custom")}
-    if store.begin(step, params, recompute=recompute):
-        return json.loads((store.step_dir(step) / "summary.json").read_text(encoding="utf-8"))
-    report = IngestReport()
-    writer = _ShardWriter(store.step_dir(step), settings.shard_size)
-    held = _ShardWriter(store.step_dir(heldout_step), settings.shard_size) if settings.heldout_fraction > 0 else None
-    records = (rec for spec in specs for rec in iter_records(spec, settings))
-    for row, heldout in clean_records(records, settings, report, count_tokens):
-        if heldout and held is not None:
-            held.add(row)
-            report.heldout += 1
-            continue
-        writer.add(row)
-        report.kept += 1
-        if settings.limit is not None and report.kept >= settings.limit:
-            break
-    writer.flush()
-    if held is not None:
-        held.flush()
-    if report.kept == 0:
-        raise ValueError(f"no usable documents in {specs}:\n{report.describe()}")
-    summary = report.as_dict() | {"shards": [p.name for p in writer.paths]}
-    write_json_atomic(store.step_dir(step) / "summary.json", summary)
-    if report.read != report.kept + report.heldout:
-        log.warning("corpus %s: %s", step, report.describe())
-    store.mark_done(step, info={"documents": report.kept})
+    files = [path for spec in specs for path in expand_sources(spec)]
+    with store.lock(step):
+        params = {"sources": specs, "inputs": file_fingerprints(files), "settings": settings,
+                  "token_counter": getattr(count_tokens, "__name__", "custom"),
+                  "overlap_step_params": store.fingerprint(settings.overlap_step) if settings.overlap_step else None}
+        held_params = {"split_from": step, "params": params}
+        splits = settings.heldout_fraction > 0
+        if (not recompute and store.is_current(step, params)
+                and (not splits or store.is_current(heldout_step, held_params))):
+            summary = json.loads((store.root / step / "summary.json").read_text(encoding="utf-8"))
+        else:
+            summary = _ingest_staged(store, specs, step, params, settings, heldout_step, held_params, count_tokens)
+        if not splits:
+            _remove_heldout_of(store, step, heldout_step)
     return summary
 
 
+def _ingest_staged(store: RunStore, specs: list[str], step: str, params: dict[str, Any], settings: CorpusSettings,
+                   heldout_step: str, held_params: dict[str, Any], count_tokens: TokenCounter) -> dict[str, Any]:
+    """One ingest into staging folders that replace `step` (and `heldout_step`) only when complete."""
+    report = IngestReport()
+    overlap = (OverlapIndex.of(store, settings.overlap_step, settings.drop_overlap)
+               if settings.overlap_step else None)
+    with ExitStack() as stack:  # exits in reverse: the held-out step is swapped in before the corpus
+        folder, info = stack.enter_context(store.staged(step, params))
+        held = None
+        if settings.heldout_fraction > 0:
+            stack.enter_context(store.lock(heldout_step))
+            held_folder, held_info = stack.enter_context(store.staged(heldout_step, held_params))
+            held = _ShardWriter(held_folder, settings.shard_size)
+        writer = _ShardWriter(folder, settings.shard_size)
+        records = (rec for spec in specs for rec in iter_records(spec, settings))
+        for row, heldout in clean_records(records, settings, report, count_tokens, overlap):
+            if heldout and held is not None:
+                held.add(row)
+                report.heldout += 1
+                continue
+            writer.add(row)
+            report.kept += 1
+            if settings.limit is not None and report.kept >= settings.limit:
+                break
+        writer.flush()
+        if held is not None:
+            held.flush()
+            held_info["documents"] = report.heldout
+        if report.kept == 0:
+            raise ValueError(f"no usable documents in {specs}:\n{report.describe()}")
+        report.overlap = overlap.as_dict() if overlap is not None else None
+        summary = report.as_dict() | {"shards": [p.name for p in writer.paths]}
+        write_json_atomic(folder / "summary.json", summary)
+        info["documents"] = report.kept
+    if report.read != report.kept + report.heldout:
+        log.warning("corpus %s: %s", step, report.describe())
+    for line in report.warnings(step, settings):
+        log.warning("%s", line)
+    return summary
+
+
+def _remove_heldout_of(store: RunStore, step: str, heldout_step: str) -> None:
+    """Remove the held-out step an earlier ingest of `step` wrote (a stale one would be evaluated on
+    documents that are now in the pool). One without a config predates the split record: it came
+    from the default step."""
+    if not (store.root / heldout_step).exists():
+        return
+    with store.lock(heldout_step):
+        config = store.read_config(heldout_step)
+        owner = (config or {}).get("params", {}).get("split_from", "corpus") if config else "corpus"
+        if owner == step:
+            store.remove_step(heldout_step)
+            log.warning("%s: removed %s/ (held out by an earlier ingest; this one holds out nothing)",
+                        step, store.root / heldout_step)
+
+
 def read_corpus(store: RunStore, step: str = "corpus", columns: list[str] | None = None) -> pd.DataFrame:
-    """All shards of a corpus step, concatenated in shard order."""
+    """All shards of a finished corpus step, concatenated in shard order."""
     shards = store.shards(step)
+    if shards:
+        store.require_done(step, "read_corpus")
     if not shards:
         raise FileNotFoundError(f"{store.root / step}: no shards; run ingest(store, ..., step={step!r}) first")
     return pd.concat([pd.read_parquet(p, columns=columns) for p in shards], ignore_index=True)

@@ -103,11 +103,19 @@ def embed_corpus(store: RunStore, settings: EmbedSettings, corpus_step: str = "c
 
     A shard counts as finished when its marker exists and records the same ids in the same order
     (checked even when the step is done), so a re-ingested corpus is re-embedded where it changed.
+    Holds the step's run-folder lock, so two embeds of one run folder never mix their vectors.
     """
+    with store.lock(out_step):
+        return _embed_corpus(store, settings, corpus_step, out_step, recompute)
+
+
+def _embed_corpus(store: RunStore, settings: EmbedSettings, corpus_step: str, out_step: str,
+                  recompute: bool) -> list[Path]:
     corpus_shards = store.shards(corpus_step)
     if not corpus_shards:
         raise FileNotFoundError(f"no corpus shards (shard-*.parquet) in {store.root / corpus_step}; "
                                 "ingest the corpus first (quadlib.corpus)")
+    store.require_done(corpus_step, out_step)
     corpus_config = store.read_config(corpus_step)
     params = {"embed": settings.result_params(), "corpus_step": corpus_step,
               "corpus_params": corpus_config.get("params") if corpus_config else None}

@@ -10,7 +10,8 @@ from quadlib.runstore import RunStore
 
 
 def write_corpus_shards(store: RunStore, frame: pd.DataFrame, shard_sizes: list[int], step: str = "corpus") -> None:
-    """Split `frame` (columns id, text, source) into corpus shards of the given sizes, in order."""
+    """Split `frame` (columns id, text, source) into corpus shards of the given sizes, in order, and
+    mark the step finished, as `quadlib.corpus.ingest` would (later steps refuse an unfinished one)."""
     assert sum(shard_sizes) == len(frame)
     start = 0
     for i, size in enumerate(shard_sizes):
@@ -18,6 +19,7 @@ def write_corpus_shards(store: RunStore, frame: pd.DataFrame, shard_sizes: list[
         part = part.assign(n_chars=part["text"].str.len(), n_tokens=part["text"].str.split().str.len())
         part.to_parquet(store.step_dir(step) / f"shard-{i:05d}.parquet", index=False)
         start += size
+    store.mark_done(step, info={"documents": len(frame)})
 
 
 def blobs(n_per_blob: int, n_blobs: int, dim: int, seed: int, spread: float = 0.05) -> tuple[np.ndarray, np.ndarray]:

@@ -55,13 +55,17 @@ class Executor(ABC):
     """Runs a step over its input shards; subclasses only decide where pending shards run."""
 
     def run(self, step: ShardStep, store: RunStore, recompute: bool = False) -> StepRun:
-        shards = step.input_shards(store)
-        if store.begin(step.name, step.params(store), recompute=recompute):
-            return StepRun(step.name, [], len(shards))
-        pending = [shard for shard in shards if not shard_is_done(step, store, shard, input_ids(shard))]
-        processed, workers = self.run_pending(step, store, pending) if pending else ([], 0)
-        store.mark_done(step.name, info={"shards": len(shards)})
-        return StepRun(step.name, processed, len(shards) - len(pending), workers)
+        """Run `step`'s pending shards, holding the step's run-folder lock: a second process running
+        the same step (say with another max length) waits, then finds the config changed and redoes
+        the shards, so config and artifacts always agree."""
+        with store.lock(step.name):
+            shards = step.input_shards(store)
+            if store.begin(step.name, step.params(store), recompute=recompute):
+                return StepRun(step.name, [], len(shards))
+            pending = [shard for shard in shards if not shard_is_done(step, store, shard, input_ids(shard))]
+            processed, workers = self.run_pending(step, store, pending) if pending else ([], 0)
+            store.mark_done(step.name, info={"shards": len(shards)})
+            return StepRun(step.name, processed, len(shards) - len(pending), workers)
 
     @abstractmethod
     def run_pending(self, step: ShardStep, store: RunStore, shards: list[Path]) -> tuple[list[ShardResult], int]:

@@ -126,11 +126,13 @@ class ShardStep(ABC):
         """Rows `id` + results, one per input row, in input order; no side effects."""
 
     def input_shards(self, store: RunStore) -> list[Path]:
-        """The shards to map over, in name order."""
+        """The shards to map over, in name order; only from a finished input step (a crashed or
+        running ingest leaves shards that are not the whole pool)."""
         shards = store.shards(self.input_step)
         if not shards:
             raise FileNotFoundError(f"step {self.name!r}: no input shards in {store.root / self.input_step}; "
                                     f"run the {self.input_step!r} step first")
+        store.require_done(self.input_step, self.name)
         return shards
 
     def read_input(self, store: RunStore, shard: Path) -> pd.DataFrame:

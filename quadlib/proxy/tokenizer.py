@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from quadlib.proxy.checkpoint import atomic_dir
+from quadlib.runstore import atomic_dir
 
 SPECIAL_TOKENS: dict[str, str] = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
 BYTE_ALPHABET_SIZE = 256

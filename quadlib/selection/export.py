@@ -50,23 +50,32 @@ def _manifest(selection: Selection, table: pd.DataFrame, seed: int) -> dict[str,
 
 
 def _write_jsonl_gz(table: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+    """JSON lines, gzip-compressed with an empty file name and mtime 0 in the header, so identical
+    tables give identical bytes (GzipFile would otherwise store the temporary file's name)."""
+    with (atomic_path(path) as tmp, open(tmp, "wb") as raw,
+          gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz):
         for record in table.to_dict(orient="records"):
             gz.write((json.dumps(to_jsonable(record), ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def export_selection(selection: Selection, ctx: SelectionContext, store: RunStore) -> Path:
-    """Write the selection's files and manifest under `<run>/select-<method>/`; return that folder."""
+    """Write the selection's files and manifest under `<run>/select-<method>/`; return that folder.
+
+    Runs under the step's run-folder lock, so two runs exporting one method (say with two α) write
+    one after the other and leave one run's files and manifest, never a mix. (The folder is not
+    swapped whole: it also holds the bandit's resumable `rounds/`.)
+    """
     step = f"select-{selection.method}"
-    store.begin(step, {"method": selection.method, "params": selection.params, "budget": selection.budget_tokens},
-                seed=ctx.seed, recompute=True)
-    folder = store.step_dir(step)
     table = selection_table(selection, ctx)
-    with atomic_path(folder / "selection.parquet") as tmp:
-        table.to_parquet(tmp, index=False)
-    _write_jsonl_gz(table, folder / "selection.jsonl.gz")
-    write_json_atomic(folder / "manifest.json", _manifest(selection, table, ctx.seed))
-    store.mark_done(step, info={"n_docs": len(table), "tokens_selected": selection.tokens_selected})
+    with store.lock(step):
+        store.begin(step, {"method": selection.method, "params": selection.params, "budget": selection.budget_tokens},
+                    seed=ctx.seed, recompute=True)
+        folder = store.step_dir(step)
+        with atomic_path(folder / "selection.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
+        _write_jsonl_gz(table, folder / "selection.jsonl.gz")
+        write_json_atomic(folder / "manifest.json", _manifest(selection, table, ctx.seed))
+        store.mark_done(step, info={"n_docs": len(table), "tokens_selected": selection.tokens_selected})
     return folder
 
 
