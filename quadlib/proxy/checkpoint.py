@@ -93,12 +93,7 @@ def restore_training_state(folder: Path, model: PreTrainedModel, optimizer: torc
     state = read_training_state(folder)
     load_model_checkpoint(model, folder)
     tensors = load_file(str(folder / OPTIMIZER_FILE))
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    optimizer.load_state_dict({"state": optimizer_moments(tensors), "param_groups": state.pop("param_groups")})
     scheduler.load_state_dict(state.pop("scheduler"))
     torch.set_rng_state(tensors["rng.cpu"])
     n_cuda = sum(key.startswith("rng.cuda.") for key in tensors)
@@ -106,6 +101,22 @@ def restore_training_state(folder: Path, model: PreTrainedModel, optimizer: torc
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     return state
+
+
+def optimizer_moments(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """The per-parameter optimizer state (`state.<param index>.<name>` tensors) of a checkpoint's
+    optimizer file, keyed as `optimizer.state_dict()["state"]` is."""
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            per_param.setdefault(int(index), {})[name] = value
+    return per_param
+
+
+def read_optimizer_moments(folder: str | Path) -> dict[int, dict[str, torch.Tensor]]:
+    """`optimizer_moments` of the checkpoint folder `folder` (e.g. the warm-up's last, for the MATES probes)."""
+    return optimizer_moments(load_file(str(Path(folder) / OPTIMIZER_FILE)))
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:

@@ -32,7 +32,7 @@ from quadlib.proxy.checkpoint import (
     save_training_state,
 )
 from quadlib.proxy.configs import context_length
-from quadlib.proxy.loss import causal_lm_loss
+from quadlib.proxy.loss import IGNORE_INDEX, causal_lm_loss
 from quadlib.runstore import to_jsonable
 from quadlib.settings import setting
 
@@ -122,7 +122,7 @@ def batch_indices(step: int, n_blocks: int, batch_size: int, seed: int) -> np.nd
     return _epoch_order(n_blocks, seed, epoch)[position * batch_size:(position + 1) * batch_size]
 
 
-def _adamw(model: PreTrainedModel, settings: TrainSettings) -> torch.optim.AdamW:
+def adamw(model: PreTrainedModel, settings: TrainSettings) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (biases and norm gains are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -163,7 +163,7 @@ def train_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
 
     was_training = model.training
     model.to(device).train()
-    optimizer = _adamw(model, settings)
+    optimizer = adamw(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
         step, settings.warmup_steps, total_steps, settings.min_lr_ratio))
     losses: list[float] = []
@@ -180,8 +180,8 @@ def train_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
                        desc="train", unit="step")
             for step in bar:
                 batch = blocks[batch_indices(step, len(blocks), settings.batch_size, settings.seed)]  # [B, T]
-                losses.append(_optimizer_step(model, optimizer, scheduler, batch.to(device), settings.grad_clip,
-                                              settings.micro_batch_size))
+                losses.append(optimizer_step(model, optimizer, scheduler, batch.to(device), settings.grad_clip,
+                                             settings.micro_batch_size))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total_steps:
                     save_training_state(checkpoint_folder(ckpt_dir, step + 1), model, optimizer, scheduler,
@@ -196,29 +196,34 @@ def train_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
                        checkpoint=latest_checkpoint(ckpt_dir), settings=to_jsonable(settings))
 
 
-def _optimizer_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, batch: torch.Tensor, grad_clip: float,
-                    micro_batch_size: int | None = None) -> float:
-    """One AdamW step on a packed batch [B, T]; returns its mean loss (nats per predicted token).
+def optimizer_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler | None, batch: torch.Tensor, grad_clip: float,
+                   micro_batch_size: int | None = None, labels: torch.Tensor | None = None) -> float:
+    """The one training step, on a batch [B, T]; returns its mean loss (nats per predicted token).
 
-    The batch runs in micro-batches of `micro_batch_size` blocks whose summed token losses, divided
+    `batch` is packed blocks (every position after the first is predicted) or, with `labels` [B, T]
+    holding IGNORE_INDEX on padding, right-padded documents (the MATES probes, `quadlib.selection.probes`).
+    The batch runs in micro-batches of `micro_batch_size` rows whose summed token losses, divided
     by the whole batch's predicted tokens, accumulate into one gradient: the same step as one pass.
     On CUDA the forward runs under bf16 autocast (weights, gradients and optimizer state stay float32).
     """
+    labels = batch if labels is None else labels
     optimizer.zero_grad(set_to_none=True)
-    n_predicted = batch[:, 1:].numel()  # packed blocks: every position after the first is predicted
+    n_predicted = int((labels[:, 1:] != IGNORE_INDEX).sum().clamp_min(1))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.device.type == "cuda")
     total = 0.0
-    for micro in batch.split(micro_batch_size or len(batch)):  # [b, T] each
+    size = micro_batch_size or len(batch)
+    for micro, micro_labels in zip(batch.split(size), labels.split(size), strict=True):  # [b, T] each
         with autocast:
             logits = model(input_ids=micro).logits  # [b, T, V]
-        loss = causal_lm_loss(logits, micro, "sum") / n_predicted
+        loss = causal_lm_loss(logits, micro_labels, "sum") / n_predicted
         loss.backward()
         total += loss.item()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     return total
 
 
