@@ -24,7 +24,7 @@ from quadlib.corpus import SELECTION_PART, read_corpus, read_reference, split_re
 from quadlib.embed import load_embeddings
 from quadlib.influence.estimators import PRESETS, make_estimator
 from quadlib.influence.scorer import InfluenceScorer
-from quadlib.proxy import TrainSettings, build_model, load_tokenizer, warmup_proxy
+from quadlib.proxy import TrainSettings, build_model, latest_checkpoint, load_tokenizer, warmup_proxy
 from quadlib.runstore import RunStore, to_jsonable
 from quadlib.selection import CachingScorer, SelectionContext, export_selection, make_selector, read_selection
 from quadlib.selection.probes import HFProbeModel
@@ -149,6 +149,9 @@ def selection_context(store: RunStore, scorer: CachingScorer | None = None, mode
     ids, vectors = load_embeddings(store)
     reference = read_reference(store, SELECTION_PART, columns=["text"])["text"].tolist()
     probe = HFProbeModel(model, tokenizer, reference[:64]) if model is not None and tokenizer is not None else None
+    warmup = latest_checkpoint(store.root / "proxy" / "checkpoints")
+    if probe is not None and warmup is not None:
+        probe.load_optimizer_moments(warmup)  # MATES probes continue the warm-up's AdamW state
     return SelectionContext(
         pool=read_corpus(store), reference_texts=reference, assignments=load_assignments(store),
         embeddings=vectors, embedding_ids=ids, scorer=scorer,

@@ -49,3 +49,21 @@ class TableScorer:
         self.scored.extend(ids)
         self.cost.docs_scored += len(ids)
         return np.array([self.truth[i] for i in ids])
+
+
+def tiny_encoder(texts: Sequence[str], folder) -> str:
+    """A one-layer, 16-wide BERT with a word-level vocabulary of `texts`, saved to `folder` (a stand-in for
+    MiniLM in the data-influence model tests: random weights, so tests fine-tune it with a high lr)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in t.lower().split()})
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=512)).save_pretrained(folder)
+    return str(folder)

@@ -196,7 +196,7 @@ def test_one_framing_in_training_evaluation_influence_perplexity_and_probes(toke
     assert [scorer.tokenize(text) for text in texts] == framed
     probe = HFProbeModel(model, tokenizer, texts[:1], max_length=max_length, device="cpu")
     expected = pad_batch(framed, tokenizer.pad_token_id)
-    assert torch.equal(probe._encode(texts)["input_ids"], expected["input_ids"])
+    assert torch.equal(next(probe._batches(texts))["input_ids"], expected["input_ids"])
     with torch.no_grad():
         losses = document_losses(model, expected).double().numpy()  # [3]
     np.testing.assert_allclose(probe.doc_losses(texts), losses, rtol=1e-5)  # perplexity baseline, MATES probes
@@ -284,7 +284,7 @@ def test_gradient_accumulation_takes_the_same_step(tokenizer) -> None:
     SGD (not Adam, which hides a scaled gradient) and no clipping, so a mean per micro-batch summed
     over 4 micro-batches (a 4x step) or a missing division would show in the weights.
     """
-    from quadlib.proxy.train import _optimizer_step
+    from quadlib.proxy import optimizer_step
 
     batch = pack_blocks(encode_documents(tokenizer, TEXTS[:12], None), 24)[:4]  # [4, 24]
 
@@ -292,7 +292,7 @@ def test_gradient_accumulation_takes_the_same_step(tokenizer) -> None:
         model = build_model("test-llama", tokenizer=tokenizer, seed=3)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        loss = _optimizer_step(model, optimizer, scheduler, batch, grad_clip=0.0, micro_batch_size=micro)
+        loss = optimizer_step(model, optimizer, scheduler, batch, grad_clip=0.0, micro_batch_size=micro)
         return loss, [p.detach().clone() for p in model.parameters()]
 
     (whole_loss, whole), (split_loss, split) = step(None), step(1)
