@@ -173,6 +173,7 @@ def test_bits_per_byte_and_items_aggregate_to_the_reported_losses(lm) -> None:
     assert means[("reference", "loss")] == pytest.approx(metrics["ref_loss"], rel=1e-12)
     n_bytes = np.array([len(t.encode("utf-8")) for t in texts])
     assert means[("reference", "bpb")] == pytest.approx(losses.doc_nll.sum() / (math.log(2) * n_bytes.sum()), rel=1e-12)
+    assert metrics["ref_bpb"] == pytest.approx(means[("reference", "bpb")], rel=1e-12)
     per_doc = items[items["metric"] == "bpb"].set_index("item")["value"]
     assert per_doc["r1"] == pytest.approx(losses.doc_nll[1] / (math.log(2) * len("Énergie du soleil".encode())))
     frame = pd.DataFrame({"id": ["a", "b", "c", "d"], "text": TEXTS + ["Water boils at one hundred degrees."],

@@ -6,11 +6,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as sps
 
 from quadlib.evaluation.stats import (
-    collect_costs, collect_metrics, compare_to_baseline, results_table, significance_table, summarize,
+    collect_costs, collect_metrics, compare_to_baseline, higher_is_better, holm, metric_intervals, paired_differences, pareto_front,
+    results_table, significance_table, summarize,
 )
 from quadlib.evaluation.train_eval import METRICS_FILE, eval_step
 from quadlib.runstore import write_json_atomic
@@ -76,3 +78,92 @@ def test_a_single_seed_gives_no_std_and_no_test(tmp_path: Path) -> None:
     assert math.isnan(summarize(one)["std"].iloc[0])
     assert compare_to_baseline(one, "random")[["p_welch", "p_paired"]].isna().all().all()
     assert "±" not in results_table(one, ["arc_easy/acc"]).loc["quad", "arc_easy/acc"]
+
+
+# ---- per-item paired statistics -----------------------------------------------------------------
+
+def test_metric_direction() -> None:
+    for name in ("ref_loss", "heldout_mean", "heldout/web", "heldout_bpb_mean", "arc_easy/gold_bpb", "lambada_ppl"):
+        assert not higher_is_better(name), name
+    for name in ("arc_easy/acc", "arc_easy/gold_logprob", "lambada_logprob", "tasks/acc_mean"):
+        assert higher_is_better(name), name
+
+
+def test_holm_adjusts_in_ascending_order_and_skips_missing_tests() -> None:
+    # sorted: 0.005, 0.01, 0.03, 0.04 (m = 4) -> 4*0.005, 3*0.01, 2*0.03, 1*0.04 = .02 .03 .06 .04 -> cummax
+    adjusted = holm([0.01, 0.04, 0.03, float("nan"), 0.005])
+    np.testing.assert_allclose(adjusted, [0.03, 0.06, 0.06, np.nan, 0.02], rtol=1e-12)
+    assert holm([0.5, 0.9]).tolist() == [1.0, 1.0]  # capped at 1
+    assert np.isnan(holm([float("nan")])).all()
+
+
+def _items(values: dict[tuple[str, int], np.ndarray], task: str = "arc_easy", metric: str = "gold_bpb",
+           weights: np.ndarray | None = None) -> pd.DataFrame:
+    frames = []
+    for (method, seed), v in values.items():
+        frames.append(pd.DataFrame({"method": method, "seed": seed, "from_scratch": False, "task": task,
+                                    "item": [str(i) for i in range(len(v))], "metric": metric, "value": v,
+                                    "weight": 1.0 if weights is None else weights}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_paired_differences_see_a_shift_that_item_variance_hides() -> None:
+    """Items vary far more than the methods differ: a Welch test over items cannot see a 0.05 bpb
+    gain, the paired difference can; an exactly balanced difference has an interval around 0."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(3.0, 1.0, size=400)  # per-item bits per byte of Random
+    noise = rng.normal(0.0, 0.05, size=400)
+    better = base - 0.05 + noise  # lower bpb is better
+    balanced = base + np.where(np.arange(400) % 2 == 0, 0.05, -0.05)  # mean difference exactly 0
+    items = _items({("random", 0): base, ("quad", 0): better, ("dsir", 0): balanced})
+    assert sps.ttest_ind(better, base, equal_var=False).pvalue > 0.05  # unpaired: not significant
+    table = paired_differences(items, "random", ["arc_easy/gold_bpb"], n_boot=4000).set_index("method")
+    quad, dsir = table.loc["quad"], table.loc["dsir"]
+    assert quad["diff"] == pytest.approx(np.mean(better - base), rel=1e-12)
+    assert quad["gain"] == pytest.approx(-quad["diff"]) and quad["gain"] > 0
+    assert quad["ci_high"] < 0 and quad["significant"] and quad["p"] < 0.01
+    assert dsir["diff"] == pytest.approx(0.0, abs=1e-12)
+    assert dsir["ci_low"] < 0 < dsir["ci_high"] and not dsir["significant"] and dsir["p"] > 0.5
+    # the interval of a mean of n differences is about +-1.96 sd / sqrt(n) (Monte Carlo error of 4000 draws)
+    half = (quad["ci_high"] - quad["ci_low"]) / 2
+    assert half == pytest.approx(1.96 * np.std(better - base) / np.sqrt(400), rel=0.1)
+    assert table["p_holm"].tolist() == pytest.approx(holm(table["p"]).tolist())
+
+
+def test_identical_models_and_constant_seed_groups_get_no_test() -> None:
+    """MATES 0.485 +- 0.000 against Random 0.515 +- 0.000 over three seeds: no t-test and no star;
+    two identical models have a zero paired difference with no spread: no test either."""
+    tidy = pd.DataFrame([{"method": m, "seed": s, "from_scratch": False, "metric": "siqa/acc", "value": v}
+                         for m, v in (("random", 0.515), ("mates", 0.485)) for s in range(3)])
+    row = compare_to_baseline(tidy, "random").iloc[0]
+    assert math.isnan(row["p_welch"]) and math.isnan(row["p_paired"])
+    assert not results_table(tidy, ["siqa/acc"]).loc["mates", "siqa/acc"].endswith("*")
+    acc = np.array([1.0, 0.0] * 50)
+    same = paired_differences(_items({("random", 0): acc, ("mates", 0): acc.copy()}, metric="acc"), "random",
+                              ["arc_easy/acc"])
+    assert same.loc[0, "diff"] == 0.0 and math.isnan(same.loc[0, "p"]) and not same.loc[0, "significant"]
+
+
+def test_weighted_and_composite_metrics_equal_the_reported_aggregates() -> None:
+    """ref_loss is token-weighted; heldout_mean is the mean over domains of each domain's weighted
+    mean, and the paired statistic is the difference of those aggregates, averaged over seeds."""
+    w = np.array([10.0, 1.0, 1.0])
+    ref = {("random", s): np.array([3.0, 5.0, 5.0]) + s for s in (0, 1)} | {("quad", s): np.array([2.0, 5.0, 6.0]) + s
+                                                                              for s in (0, 1)}
+    items = _items(ref, task="reference", metric="loss", weights=w)
+    web = _items({("random", 0): np.array([1.0, 3.0]), ("quad", 0): np.array([1.0, 1.0])}, "heldout/web", "loss")
+    code = _items({("random", 0): np.array([2.0]), ("quad", 0): np.array([3.0])}, "heldout/code", "loss")
+    items = pd.concat([items, web, code], ignore_index=True)
+    table = paired_differences(items, "random", ["ref_loss", "heldout_mean"], n_boot=200).set_index("metric")
+    assert table.loc["ref_loss", "diff"] == pytest.approx((10 * -1 + 0 + 1) / 12)
+    assert table.loc["ref_loss", "gain"] == pytest.approx(9 / 12)
+    assert table.loc["ref_loss", "n_seeds"] == 2 and table.loc["ref_loss", "n_items"] == 3
+    assert table.loc["heldout_mean", "diff"] == pytest.approx(((1.0 - 2.0) + (3.0 - 2.0)) / 2)
+    levels = metric_intervals(items, ["ref_loss"], n_boot=200).set_index("method")
+    assert levels.loc["random", "value"] == pytest.approx(np.mean([(30 + 10) / 12, (40 + 12) / 12]))
+
+
+def test_pareto_front_keeps_the_undominated_methods() -> None:
+    points = pd.DataFrame({"ref": [1.0, 2.0, 3.0, 2.5, 1.0], "held": [3.0, 2.0, 1.0, 2.5, 3.5]},
+                          index=["a", "b", "c", "d", "e"])
+    assert pareto_front(points, "ref", "held").to_dict() == {"a": True, "b": True, "c": True, "d": False, "e": False}

@@ -125,12 +125,14 @@ def document_items(task: str, ids: Sequence[str], texts: Sequence[str], losses: 
 
 def reference_items(model: torch.nn.Module, tokenizer, texts: Sequence[str], ids: Sequence[str] | None = None,
                     settings: LMMetricSettings | None = None) -> tuple[dict[str, float], pd.DataFrame]:
-    """`reference_metrics` and the per-document items (task "reference") they are computed from."""
+    """`reference_metrics` (plus ref_bpb, bits per byte) and the per-document items (task "reference")."""
     losses = text_losses(model, tokenizer, texts, settings)
     ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+    items = document_items("reference", ids, texts, losses)
     metrics = {"ref_loss": losses.mean_loss, "ref_ppl": losses.perplexity, "ref_tokens": losses.n_tokens,
-               "ref_doc_loss": float(np.nanmean(losses.doc_mean_losses))}
-    return metrics, document_items("reference", ids, texts, losses)
+               "ref_doc_loss": float(np.nanmean(losses.doc_mean_losses)),
+               "ref_bpb": float(weighted_means(items).get(("reference", "bpb"), np.nan))}
+    return metrics, items
 
 
 def reference_metrics(model: torch.nn.Module, tokenizer, texts: Sequence[str],

@@ -1,8 +1,21 @@
 """Results over seeds: a tidy table of every metrics.json, mean ± std, and tests against Random.
 
-Every method is trained with the same seeds, so besides Welch's unequal-variance t-test (the two
-groups of seeds as independent samples) a paired t-test over matched seeds is offered: seed s fixes
-the data order for every method, which removes that source of variance from the comparison.
+Two levels of comparison with a baseline (Random):
+
+- per seed (`compare_to_baseline`): Welch's t-test (the seeds as two independent samples) and a
+  paired t-test over matched seeds. With 2-3 seeds these have little power, and a group whose seeds
+  all agree has zero variance: no test is made there (p is NaN; scipy would report p ~ 1e-30).
+- per item (`paired_differences`, the verdict's test): every model is scored on the same items
+  (`quadlib.evaluation.items`), so method and baseline are compared by their PAIRED differences
+  d_{s,i} = m_{s,i} - b_{s,i} over items i and shared seeds s. The statistic is the metric's own
+  aggregate of the differences (a weighted mean per task, averaged over the tasks of a composite
+  such as `heldout_mean`, then over seeds), so it equals the difference of the reported metrics.
+  Its confidence interval is a two-way (seeds x items) percentile bootstrap, items resampled
+  within each task; its p-value is Wald's with the bootstrap standard error, and the p-values of
+  all comparisons in a table are adjusted together by Holm's step-down method (family-wise
+  error <= alpha). A difference with no bootstrap spread (e.g. two
+  identical models) gets no test.
+
 The paper reports mean ± std over seeds with significance against Random (Tables 6 and 7).
 """
 
@@ -17,10 +30,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from quadlib.evaluation.items import ITEM_COLUMNS, ITEMS_FILE
 from quadlib.evaluation.train_eval import EVAL_STEP, METRICS_FILE
 
 COUNT_SUFFIXES = ("/n", "_n", "_tokens")  # bookkeeping, not results
-LOWER_IS_BETTER_MARKERS = ("loss", "ppl")
+LOWER_IS_BETTER_MARKERS = ("loss", "ppl", "bpb", "heldout")  # every held-out metric is a loss
 
 
 def is_result_metric(name: str) -> bool:
@@ -29,7 +43,7 @@ def is_result_metric(name: str) -> bool:
 
 
 def higher_is_better(name: str) -> bool:
-    """Accuracies are better high; losses and perplexities low."""
+    """Accuracies and log-probabilities are better high; losses, perplexities and bits per byte low."""
     return not any(marker in name for marker in LOWER_IS_BETTER_MARKERS)
 
 
@@ -98,7 +112,8 @@ def compare_to_baseline(tidy: pd.DataFrame, baseline: str = "random", metrics: S
 
 
 def _welch(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or len(b) < 2:
+    """Welch's p; NaN with fewer than two values or zero variance in either group (no test there)."""
+    if len(a) < 2 or len(b) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     with warnings.catch_warnings():  # identical samples: scipy warns and returns NaN, which we keep
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -106,7 +121,8 @@ def _welch(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _paired(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2:
+    """Paired t-test p; NaN with fewer than two pairs or differences of zero variance."""
+    if len(a) < 2 or np.ptp(a - b) == 0:
         return float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -119,14 +135,24 @@ def format_mean_std(mean: float, std: float, digits: int) -> str:
 
 def results_table(tidy: pd.DataFrame, metrics: Sequence[str], baseline: str | None = "random",
                   costs: pd.DataFrame | None = None, cost_column: str = "wall_time_s", alpha: float = 0.05,
-                  test: str = "p_welch", digits: int = 3, method_order: Sequence[str] | None = None) -> pd.DataFrame:
+                  test: str = "p_welch", digits: int = 3, method_order: Sequence[str] | None = None,
+                  paired: pd.DataFrame | None = None) -> pd.DataFrame:
     """The paper's comparison table (Table 6 style): one row per method, "mean ± std" per metric,
-    `*` where the method differs from `baseline` at level `alpha` (Table 7's test), and a cost column."""
+    `*` where the method differs from `baseline`, and a cost column.
+
+    The star comes from `paired` (a `paired_differences` table: its Holm-adjusted item-level test)
+    when given, else from the per-seed `test` of `compare_to_baseline`, Holm-adjusted over the
+    table's comparisons; a comparison without a test (NaN p) never gets one."""
     summary = summarize(tidy).set_index(["method", "metric"])
     marks: dict[tuple[str, str], str] = {}
-    if baseline is not None and baseline in set(tidy["method"]):
-        for row in compare_to_baseline(tidy, baseline, metrics).itertuples():
-            marks[(row.method, row.metric)] = "*" if getattr(row, test) < alpha else ""
+    if paired is not None:
+        for row in paired.itertuples():
+            marks[(row.method, row.metric)] = "*" if row.p_holm < alpha else ""
+    elif baseline is not None and baseline in set(tidy["method"]):
+        comparison = compare_to_baseline(tidy, baseline, metrics)
+        adjusted = holm(comparison[test].to_numpy()) if len(comparison) else np.array([])
+        for row, p in zip(comparison.itertuples(), adjusted):
+            marks[(row.method, row.metric)] = "*" if p < alpha else ""
     methods = list(method_order) if method_order is not None else sorted(set(tidy["method"]))
     table = pd.DataFrame(index=pd.Index(methods, name="method"))
     for metric in metrics:
@@ -142,3 +168,273 @@ def significance_table(tidy: pd.DataFrame, metrics: Sequence[str], baseline: str
     """p-values of each method against `baseline` (Table 7 style): rows methods, columns metrics."""
     comparison = compare_to_baseline(tidy, baseline, metrics)
     return comparison.pivot(index="method", columns="metric", values=test).reindex(columns=list(metrics))
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (Holm 1979), in the input order; NaN (no test) stays NaN
+    and does not count among the m comparisons.
+
+    With p_(1) <= ... <= p_(m) sorted: p~_(j) = max_{k <= j} min(1, (m - k + 1) p_(k)); rejecting
+    p~ < alpha keeps the family-wise error rate <= alpha.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    m = len(tested)
+    if m == 0:
+        return out
+    order = tested[np.argsort(p[tested], kind="stable")]  # ascending p
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])  # (m - k + 1) p_(k), k = 1..m
+    out[order] = np.maximum.accumulate(scaled)
+    return out
+
+
+# ---- per-item paired comparison ------------------------------------------------------------------
+
+ITEM_KEY = ["method", "seed", "from_scratch"]
+
+
+def collect_items(run_dir: str | Path) -> pd.DataFrame:
+    """Every `<run>/eval/<method>/[scratch-]seed-<s>/items.parquet` with the method, seed and
+    from_scratch of its metrics.json: columns method, seed, from_scratch, task, item, metric, value, weight."""
+    frames = []
+    for path in sorted(Path(run_dir).glob(f"{EVAL_STEP}/*/*seed-*/{ITEMS_FILE}")):
+        record_file = path.parent / METRICS_FILE
+        if not record_file.exists():
+            continue  # an interrupted run: its metrics were never written
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        frame = pd.read_parquet(path)
+        frames.append(frame.assign(method=record["method"], seed=int(record["seed"]),
+                                   from_scratch=bool(record["from_scratch"])))
+    columns = ITEM_KEY + list(ITEM_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+NON_TASK_PREFIXES = ("reference", "lambada", "heldout/")
+
+
+def metric_items(items: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The item rows behind a reported metric, with a `group` column: the metric is the mean over
+    groups of each group's weighted mean (one group unless it is a mean over domains or tasks).
+
+    ref_loss / ref_bpb -> task "reference"; lambada_acc / lambada_logprob -> task "lambada";
+    heldout/<s> and heldout_bpb/<s> -> task "heldout/<s>" (loss, bpb); heldout_mean, heldout_bpb_mean
+    -> every held-out domain; tasks/<m>_mean -> metric <m> of every task; <task>/<m> -> that task.
+    """
+    task, metric = items["task"], items["metric"]
+    heldout = task.str.startswith("heldout/")
+    is_task = ~task.str.startswith(NON_TASK_PREFIXES)
+    rules = {"ref_loss": (task == "reference") & (metric == "loss"),
+             "ref_bpb": (task == "reference") & (metric == "bpb"),
+             "lambada_acc": (task == "lambada") & (metric == "acc"),
+             "lambada_logprob": (task == "lambada") & (metric == "target_logprob"),
+             "heldout_mean": heldout & (metric == "loss"), "heldout_bpb_mean": heldout & (metric == "bpb")}
+    if name in rules:
+        mask = rules[name]
+    elif name.startswith("heldout/"):
+        mask = (task == name) & (metric == "loss")
+    elif name.startswith("heldout_bpb/"):
+        mask = (task == "heldout/" + name.removeprefix("heldout_bpb/")) & (metric == "bpb")
+    elif name.startswith("tasks/") and name.endswith("_mean"):
+        mask = is_task & (metric == name.removeprefix("tasks/").removesuffix("_mean"))
+    elif "/" in name:
+        group, _, item_metric = name.rpartition("/")
+        mask = (task == group) & (metric == item_metric)
+    else:
+        raise KeyError(f"metric {name!r} has no per-item definition (see metric_items)")
+    return items[mask].assign(group=lambda f: f["task"])
+
+
+def _counts(group_sizes: Sequence[int], n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[B, I] resampling counts: each group's items drawn with replacement, group sizes kept."""
+    return np.concatenate([rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) for n in group_sizes], axis=1)
+
+
+def _group_stat(counts: np.ndarray, values: np.ndarray, weights: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Mean over groups of weighted means: counts [B, I], values [S, I], weights [I] -> [B, S]."""
+    numer = np.add.reduceat((counts * weights)[:, None, :] * values[None, :, :], starts, axis=2)  # [B, S, G]
+    denom = np.add.reduceat(counts * weights, starts, axis=1)[:, None, :]  # [B, 1, G]
+    return (numer / denom).mean(axis=2)
+
+
+def bootstrap_statistic(values: np.ndarray, weights: np.ndarray, groups: np.ndarray, *, n_boot: int = 2000,
+                        level: float = 0.95, rng: np.random.Generator | None = None) -> dict[str, float]:
+    """Estimate, percentile interval and two-sided p (H0: statistic = 0) of
+    T = mean_s mean_g (sum_{i in g} w_i v_{s,i} / sum_{i in g} w_i) for values [S, I] (seeds x items).
+
+    The bootstrap resamples seeds and, independently, items within each group (two-way, for the
+    crossed seeds x items design). The interval is the replicates' percentile interval; the test is
+    Wald's with the bootstrap standard error, p = 2 (1 - Phi(|T| / se*)) (continuous, so that Holm's
+    correction over hundreds of comparisons is not floored by the 1/n_boot resolution of a
+    percentile p); NaN when the replicates have no spread (then there is nothing to test).
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))  # [S, I]
+    weights = np.asarray(weights, dtype=np.float64)  # [I]
+    groups = np.asarray(groups)
+    order = np.argsort(groups, kind="stable")
+    values, weights, groups = values[:, order], weights[order], groups[order]
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])  # first index of each group
+    sizes = np.diff(np.r_[starts, len(groups)])
+    n_seeds = values.shape[0]
+    estimate = float(_group_stat(np.ones((1, len(groups))), values, weights, starts).mean())
+    per_seed = _group_stat(_counts(sizes, n_boot, rng), values, weights, starts)  # [B, S]
+    seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_boot)  # [B, S]
+    replicates = (per_seed * seed_counts).sum(axis=1) / n_seeds  # [B]
+    low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
+    se = float(replicates.std(ddof=1))
+    p = float("nan") if se <= 1e-12 * max(1.0, abs(estimate)) else float(2 * sps.norm.sf(abs(estimate) / se))
+    return {"estimate": estimate, "ci_low": float(low), "ci_high": float(high), "se": se, "p": p}
+
+
+def _matrix(rows: pd.DataFrame, seeds: Sequence[int]) -> tuple[np.ndarray, pd.DataFrame]:
+    """values [S, I] over (group, item) keys present for every seed, and the keys with weight and group."""
+    wide = rows.pivot_table(index=["group", "item"], columns="seed", values="value", aggfunc="first")
+    wide = wide.reindex(columns=list(seeds)).dropna()
+    keys = rows.drop_duplicates(["group", "item"]).set_index(["group", "item"]).loc[wide.index, ["weight"]]
+    return wide.to_numpy().T, keys.reset_index()
+
+
+def paired_differences(items: pd.DataFrame, baseline: str = "random", metrics: Sequence[str] | None = None,
+                       *, n_boot: int = 2000, level: float = 0.95, alpha: float = 0.05,
+                       seed: int = 0) -> pd.DataFrame:
+    """Each method against `baseline` by paired differences over items and shared seeds (module doc).
+
+    Returns one row per (method, metric): `diff` = metric(method) - metric(baseline) in the metric's
+    units with its bootstrap interval [ci_low, ci_high], `gain` = diff oriented so that positive is
+    better, p, Holm-adjusted p over every row (`p_holm`), `significant` (p_holm < alpha), and the
+    numbers of paired items and seeds. Items are matched by (task, item) and seeds by number.
+    """
+    if items.empty:
+        raise ValueError("no per-item results: run the evaluation (it writes items.parquet beside metrics.json)")
+    if baseline not in set(items["method"]):
+        raise ValueError(f"baseline {baseline!r} has no per-item results; methods: {sorted(set(items['method']))}")
+    names = list(metrics) if metrics is not None else default_item_metrics(items)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in names:
+        part = metric_items(items, name)
+        if part.empty:
+            continue
+        base = part[part["method"] == baseline]
+        for method in sorted(set(part["method"]) - {baseline}):
+            mine = part[part["method"] == method]
+            seeds = sorted(set(mine["seed"]) & set(base["seed"]))
+            if not seeds:
+                continue
+            merged = mine.merge(base[["seed", "group", "item", "value"]], on=["seed", "group", "item"],
+                                suffixes=("", "_base"))
+            merged = merged.assign(value=merged["value"] - merged["value_base"])  # d_{s,i}
+            diffs, keys = _matrix(merged, seeds)
+            if diffs.shape[1] == 0:
+                continue
+            result = bootstrap_statistic(diffs, keys["weight"].to_numpy(), keys["group"].to_numpy(),
+                                         n_boot=n_boot, level=level, rng=rng)
+            sign = 1.0 if higher_is_better(name) else -1.0
+            rows.append({"method": method, "metric": name, "diff": result["estimate"], "ci_low": result["ci_low"],
+                         "ci_high": result["ci_high"], "gain": sign * result["estimate"], "p": result["p"],
+                         "n_items": diffs.shape[1], "n_seeds": len(seeds)})
+    table = pd.DataFrame(rows, columns=["method", "metric", "diff", "ci_low", "ci_high", "gain", "p", "n_items",
+                                        "n_seeds"])
+    table["p_holm"] = holm(table["p"].to_numpy())
+    table["significant"] = table["p_holm"] < alpha
+    return table
+
+
+def metric_intervals(items: pd.DataFrame, metrics: Sequence[str], *, n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> pd.DataFrame:
+    """Each method's own value of each metric (mean over its seeds) with the same two-way bootstrap
+    interval: columns method, metric, value, ci_low, ci_high, n_items, n_seeds."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in metrics:
+        part = metric_items(items, name)
+        for method in sorted(set(part["method"])):
+            mine = part[part["method"] == method]
+            values, keys = _matrix(mine, sorted(set(mine["seed"])))
+            if values.shape[1] == 0:
+                continue
+            result = bootstrap_statistic(values, keys["weight"].to_numpy(), keys["group"].to_numpy(),
+                                         n_boot=n_boot, level=level, rng=rng)
+            rows.append({"method": method, "metric": name, "value": result["estimate"], "ci_low": result["ci_low"],
+                         "ci_high": result["ci_high"], "n_items": values.shape[1], "n_seeds": values.shape[0]})
+    return pd.DataFrame(rows, columns=["method", "metric", "value", "ci_low", "ci_high", "n_items", "n_seeds"])
+
+
+def default_item_metrics(items: pd.DataFrame) -> list[str]:
+    """The headline metrics the items support: reference loss, LAMBADA, held-out means, the means
+    over tasks, and each task's gold bits per byte (per-task accuracy, at chance for a small proxy,
+    would add many tests and little signal to the Holm family)."""
+    tasks = sorted(t for t in set(items["task"]) if not t.startswith(NON_TASK_PREFIXES))
+    present = set(zip(items["task"], items["metric"]))
+    names = [n for n, (t, m) in {"ref_loss": ("reference", "loss"), "lambada_acc": ("lambada", "acc"),
+                                  "lambada_logprob": ("lambada", "target_logprob")}.items() if (t, m) in present]
+    if any(t.startswith("heldout/") for t in set(items["task"])):
+        names += ["heldout_mean", "heldout_bpb_mean"]
+    if tasks:
+        names += ["tasks/acc_mean", "tasks/gold_bpb_mean"]
+    return names + [f"{t}/gold_bpb" for t in tasks if (t, "gold_bpb") in present]
+
+
+def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.Series:
+    """True for the rows not dominated when both `x` and `y` are better low: no other row is <= in
+    both and < in one."""
+    xs, ys = points[x].to_numpy(dtype=np.float64), points[y].to_numpy(dtype=np.float64)
+    dominated = [bool(np.any((xs <= xs[i]) & (ys <= ys[i]) & ((xs < xs[i]) | (ys < ys[i])))) for i in range(len(xs))]
+    return pd.Series(~np.array(dominated, dtype=bool), index=points.index, name="pareto")
+
+
+def verdict_sentences(levels: pd.DataFrame, paired: pd.DataFrame, x: str = "heldout_bpb_mean",
+                      y: str = "ref_loss", baseline: str = "random", order: Sequence[str] | None = None) -> list[str]:
+    """Two or three sentences generated from the numbers: which methods are on the Pareto front of
+    (x, y) (both lower-is-better, `metric_intervals` values), which differ from `baseline` on some
+    metric of `paired` after Holm's correction (and in which direction), and which are
+    indistinguishable from it on every metric tested."""
+    wide = levels.pivot_table(index="method", columns="metric", values="value", aggfunc="first")
+    methods = list(order) if order is not None else sorted(wide.index)
+    sentences = []
+    if {x, y} <= set(wide.columns):
+        points = wide.loc[[m for m in methods if m in wide.index], [x, y]].dropna()
+        front = [m for m, on in pareto_front(points, x, y).items() if on]
+        sentences.append(f"On {y} against {x} (lower is better on both), the Pareto front is "
+                         f"{_names(front)}: no other method is at least as good on both.")
+    tested = paired[paired["method"].isin(methods)]
+    better, worse, neutral = [], [], []
+    for method in [m for m in methods if m in set(tested["method"])]:
+        rows = tested[(tested["method"] == method) & tested["significant"]]
+        wins = [f"{r.metric} ({_signed(r.diff)}, 95% CI [{r.ci_low:.3g}, {r.ci_high:.3g}])"
+                for r in rows.itertuples() if r.gain > 0]
+        losses = [r.metric for r in rows.itertuples() if r.gain < 0]
+        if wins:
+            better.append(f"{method} on {_first(wins, SHOWN)}")
+        if losses:
+            worse.append(f"{method} on {_first(losses, SHOWN)}")
+        if not wins and not losses:
+            neutral.append(method)
+    n_tests = int(tested["p"].notna().sum())
+    if better or worse:
+        parts = ([f"better than {baseline}: " + "; ".join(better)] if better else []) + \
+                (["worse: " + "; ".join(worse)] if worse else [])
+        sentences.append(f"After Holm's correction over {n_tests} paired tests, " + "; ".join(parts) + ".")
+    if neutral:
+        sentences.append(f"{_names(neutral)} {'is' if len(neutral) == 1 else 'are'} indistinguishable from "
+                         f"{baseline} on every metric tested ({n_tests} paired tests, Holm-adjusted p >= 0.05).")
+    return sentences
+
+
+SHOWN = 3  # metrics named per method in a verdict sentence; the rest are counted
+
+
+def _first(parts: Sequence[str], n: int) -> str:
+    return ", ".join(parts[:n]) + (f" and {len(parts) - n} more" if len(parts) > n else "")
+
+
+def _names(names: Sequence[str]) -> str:
+    names = list(names)
+    if not names:
+        return "empty"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3g}"
