@@ -231,11 +231,41 @@ def build_report(reports: Path, names: Sequence[str] = NOTEBOOKS, title: str = "
         raise FileNotFoundError(f"{reports}: no executed notebooks ({', '.join(names)}.ipynb); run `make demo` first")
     for name, nb in executed:
         render_html(nb, reports / f"{name}.html")
-    combined = combine_notebooks(executed)
+    combined = verdict_first(combine_notebooks(executed))
     combined.metadata["title"] = title
     report = render_html(combined, reports / REPORT_PAGE, code=False)
     write_index(reports, executed, title)
     return report
+
+
+VERDICT_TAG = "verdict"
+VERDICT_HEADING = ("# Verdict\n\nThe one-screen summary of 05_evaluate: each method against Random by paired "
+                   "differences over items and seeds (95% bootstrap intervals, Holm-adjusted tests). "
+                   "The notebooks follow.")
+
+
+def verdict_first(combined: Any, tag: str = VERDICT_TAG) -> Any:
+    """The combined notebook with the cells tagged `tag` (05_evaluate's summary) moved to the top
+    under a "Verdict" heading. plotly.js, embedded once in the first notebook's setup output, moves
+    in front of them (a figure drawn before plotly.js is loaded stays blank). No tagged cell: unchanged."""
+    import nbformat
+
+    verdict = [c for c in combined.cells if tag in c.metadata.get("tags", [])]
+    if not verdict:
+        return combined
+    rest = [c for c in combined.cells if tag not in c.metadata.get("tags", [])]
+    bundle = []
+    for cell in rest:
+        if cell.cell_type == "code" and any(_is_plotly_bundle(o) for o in cell.outputs):
+            bundle = [o for o in cell.outputs if _is_plotly_bundle(o)]
+            cell.outputs = [o for o in cell.outputs if not _is_plotly_bundle(o)]
+            break
+    loader = nbformat.v4.new_code_cell("", outputs=bundle)
+    loader.id = "verdict-plotly-bundle"
+    heading = nbformat.v4.new_markdown_cell(VERDICT_HEADING)
+    heading.id = "verdict-heading"
+    combined.cells = ([loader] if bundle else []) + [heading] + verdict + rest
+    return combined
 
 
 def write_index(reports: Path, executed: Sequence[tuple[str, Any]], title: str) -> Path:

@@ -7,8 +7,12 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from quadlib.evaluation.stats import results_table
-from quadlib.plots.eval_plots import comparison_table_figure, estimator_scatter_figure, sweep_figure, task_bars_figure
+from quadlib.evaluation.stats import results_table, verdict_sentences
+from quadlib.plots.eval_plots import (
+    comparison_table_figure, cost_gain_figure, estimator_scatter_figure, paired_differences_figure, sweep_figure,
+    task_bars_figure, tradeoff_figure,
+)
+from quadlib.plots.palette import method_color, method_order
 
 TIDY = pd.DataFrame([
     {"method": m, "seed": s, "from_scratch": False, "metric": metric, "value": v}
@@ -20,8 +24,8 @@ TIDY = pd.DataFrame([
 
 def test_task_bars_show_mean_and_std_per_method() -> None:
     fig = task_bars_figure(TIDY)
-    assert [t.name for t in fig.data] == ["quad", "random"]
-    quad = fig.data[0]
+    assert [t.name for t in fig.data] == ["random", "quad"]  # the palette's order: Random first
+    quad = fig.data[1]
     assert list(quad.x) == ["arc_easy", "piqa"]  # tasks/acc_mean is an aggregate, not a task
     assert quad.y[1] == pytest.approx(0.42)
     assert quad.error_y.array[1] == pytest.approx(np.std([0.4, 0.42, 0.44], ddof=1))
@@ -52,3 +56,76 @@ def test_estimator_scatter_joins_by_id_and_reports_correlations() -> None:
     fig = estimator_scatter_figure(a, b, "dot", "kfac_joint_qkv")
     expected = sps.pearsonr(a["score"], b.set_index("id").loc[a["id"], "score"]).statistic
     assert f"Pearson {expected:.3f}" in fig.layout.title.text and len(fig.data[0].x) == 50
+
+
+# ---- the verdict's figures -----------------------------------------------------------------------
+
+LEVELS = pd.DataFrame([
+    {"method": m, "metric": metric, "value": v, "ci_low": v - 0.1, "ci_high": v + 0.2, "n_items": 50, "n_seeds": 3}
+    for m, ref, held in (("random", 3.0, 2.0), ("quad", 2.5, 2.1), ("dsir", 3.2, 1.5), ("mates", 3.1, 2.2))
+    for metric, v in (("ref_loss", ref), ("heldout_bpb_mean", held))
+])
+PAIRED = pd.DataFrame([
+    {"method": "quad", "metric": "ref_loss", "diff": -0.5, "ci_low": -0.7, "ci_high": -0.3, "gain": 0.5, "p": 0.001,
+     "p_holm": 0.004, "significant": True, "n_items": 50, "n_seeds": 3},
+    {"method": "dsir", "metric": "ref_loss", "diff": 0.2, "ci_low": -0.1, "ci_high": 0.4, "gain": -0.2, "p": 0.2,
+     "p_holm": 0.6, "significant": False, "n_items": 50, "n_seeds": 3},
+    {"method": "mates", "metric": "ref_loss", "diff": 0.1, "ci_low": -0.2, "ci_high": 0.3, "gain": -0.1, "p": 0.5,
+     "p_holm": 1.0, "significant": False, "n_items": 50, "n_seeds": 3},
+    {"method": "quad", "metric": "arc_easy/gold_bpb", "diff": -0.01, "ci_low": -0.03, "ci_high": 0.01, "gain": 0.01,
+     "p": 0.3, "p_holm": 0.9, "significant": False, "n_items": 50, "n_seeds": 3},
+])
+
+
+def test_one_palette_gives_each_method_its_colour_and_place_in_every_figure() -> None:
+    bars = task_bars_figure(TIDY)
+    trade = tradeoff_figure(LEVELS)
+    assert [t.name for t in bars.data] == ["random", "quad"]  # Random first, then Quad
+    colours = {t.name.removesuffix(" (front)"): t.marker.color for t in trade.data if t.mode == "markers"}
+    assert colours["random"] == method_color("random") == bars.data[0].marker.color
+    assert colours["quad"] == method_color("quad") == bars.data[1].marker.color
+    assert len(set(colours.values())) == 4
+    assert method_order(["mates", "dsir", "quad", "random"]) == ["random", "quad", "dsir", "mates"]
+
+
+def test_tradeoff_marks_the_pareto_front_with_intervals_and_units() -> None:
+    fig = tradeoff_figure(LEVELS)
+    points = {t.name: t for t in fig.data if t.mode == "markers"}
+    assert set(points) == {"random (front)", "quad (front)", "dsir (front)", "mates"}  # mates: dominated by random
+    quad = points["quad (front)"]
+    assert (quad.x[0], quad.y[0]) == (2.1, 2.5)
+    assert quad.error_y.array[0] == pytest.approx(0.2) and quad.error_y.arrayminus[0] == pytest.approx(0.1)
+    front = next(t for t in fig.data if t.name == "Pareto front")
+    assert list(front.x) == [1.5, 2.0, 2.1]  # sorted along the held-out axis
+    assert fig.layout.xaxis.title.text == "heldout_bpb_mean (bits per byte)"
+    assert fig.layout.yaxis.title.text == "ref_loss (nats per token)"
+    with pytest.raises(ValueError, match="higher-is-better"):
+        tradeoff_figure(LEVELS.replace({"ref_loss": "arc_easy/acc"}), y="arc_easy/acc")
+
+
+def test_cost_gain_and_paired_figures_draw_gains_with_their_intervals() -> None:
+    costs = pd.DataFrame({"method": ["random", "quad", "dsir", "mates"], "wall_time_s": [0.1, 30.0, 2.0, 10.0]})
+    fig = cost_gain_figure(PAIRED, costs)
+    quad = next(t for t in fig.data if t.name == "quad *")
+    assert (quad.x[0], quad.y[0]) == (30.0, 0.5)
+    # gain = -diff for a loss: the interval [-0.7, -0.3] of the difference is [0.3, 0.7] of the gain
+    assert quad.error_y.array[0] == pytest.approx(0.2) and quad.error_y.arrayminus[0] == pytest.approx(0.2)
+    assert fig.layout.xaxis.title.text == "selection cost: wall_time_s (s)"
+    assert fig.layout.yaxis.title.text == "gain over Random in ref_loss (nats per token)"
+    forest = paired_differences_figure(PAIRED, ["ref_loss"])
+    assert [t.name for t in forest.data] == ["quad", "dsir", "mates"]
+    assert list(forest.data[0].text) == ["*"] and list(forest.data[1].text) == [""]
+    assert forest.layout.xaxis.title.text == "gain over Random (nats per token)"
+    with pytest.raises(ValueError, match="one unit"):
+        paired_differences_figure(PAIRED, ["ref_loss", "arc_easy/gold_bpb"])
+
+
+def test_verdict_sentences_come_from_the_numbers() -> None:
+    text = " ".join(verdict_sentences(LEVELS, PAIRED, order=method_order(LEVELS["method"])))
+    assert "the Pareto front is random, quad and dsir" in text
+    assert "better than random: quad on ref_loss (-0.5, 95% CI [-0.7, -0.3])" in text
+    assert "over 4 paired tests" in text
+    assert "dsir and mates are indistinguishable from random" in text
+    flipped = PAIRED.assign(significant=False)
+    assert "quad, dsir and mates are indistinguishable" in " ".join(verdict_sentences(LEVELS, flipped,
+                                                                                       order=["quad", "dsir", "mates"]))

@@ -101,3 +101,27 @@ def test_a_streamed_run_prints_each_cell_and_the_kernels_output(tmp_path: Path) 
     bars = [o["text"] for o in saved if o.get("name") == "stderr"]
     assert len(bars) == 1 and "\r" not in bars[0] and bars[0].count("bar-marker") == 1  # the bar's last state only
     assert not any(WIDGET_MIMETYPE in o.get("data", {}) for o in saved)
+
+
+def test_the_verdict_opens_the_report_after_plotly_js() -> None:
+    """05's cells tagged "verdict" move to the top; plotly.js moves in front of them, since a figure
+    drawn before plotly.js is loaded stays blank; every other cell keeps its order."""
+    from quadlib.reports import verdict_first
+
+    bundle = {"output_type": "display_data", "metadata": {},
+              "data": {"text/html": PLOTLY_BUNDLE_MARKER + "x" * 1_000_001}}
+    figure = {"output_type": "display_data", "metadata": {}, "data": {"text/html": "<div>figure</div>"}}
+    cells = [nbformat.v4.new_markdown_cell("# 01_cluster"),
+             nbformat.v4.new_code_cell("setup", outputs=[nbformat.from_dict(bundle)]),
+             nbformat.v4.new_code_cell("plot", outputs=[nbformat.from_dict(figure)]),
+             nbformat.v4.new_markdown_cell("# 05_evaluate"),
+             nbformat.v4.new_code_cell("summary", metadata={"tags": ["verdict"]}, outputs=[nbformat.from_dict(figure)]),
+             nbformat.v4.new_code_cell("table")]
+    combined = verdict_first(nbformat.v4.new_notebook(cells=list(cells)))
+    sources = [c.source for c in combined.cells]
+    assert sources[0] == "" and PLOTLY_BUNDLE_MARKER in combined.cells[0].outputs[0]["data"]["text/html"]
+    assert sources[1].startswith("# Verdict") and sources[2] == "summary"
+    assert sources[3:] == ["# 01_cluster", "setup", "plot", "# 05_evaluate", "table"]
+    assert combined.cells[4].outputs == []  # plotly.js is on the page once
+    plain = [nbformat.v4.new_markdown_cell("# 01_cluster"), nbformat.v4.new_code_cell("plot")]
+    assert [c.source for c in verdict_first(nbformat.v4.new_notebook(cells=plain)).cells] == ["# 01_cluster", "plot"]
