@@ -8,13 +8,20 @@ import torch
 from torch import nn
 
 from quadlib.influence.capture import augment_bias, backward_pass
-from quadlib.influence.estimators import ESTIMATORS, InfluenceEstimator, InfluenceSettings, make_estimator
+from quadlib.influence.estimators import (
+    ESTIMATORS,
+    FD_STEP_CANDIDATES,
+    InfluenceEstimator,
+    InfluenceSettings,
+    make_estimator,
+)
 from quadlib.influence.kfac import DampedKroneckerInverse, FactorAccumulator, KroneckerFactors, kfac_inverses
 from quadlib.influence.layers import GROUPS, LayerPart, TrackedLayer, discover_layers, layer_gradient
-from quadlib.influence.loss import Batch, summed_token_loss
-from quadlib.proxy.loss import document_losses
+from quadlib.influence import loss as influence_loss
+from quadlib.influence.loss import Batch, sample_labels, summed_token_loss
 from quadlib.influence.projection import GradientProjector, ProjectionSettings
 from quadlib.influence.toy import random_batch, tiny_gpt2, tiny_llama
+from quadlib.proxy.loss import document_losses
 
 VOCAB = 64
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -227,3 +234,72 @@ def test_explicit_matrix_matches_apply_for_ekfac_eigenvalues() -> None:
     inverse = DampedKroneckerInverse(q_a, q_g, torch.rand(2, 3, generator=generator, dtype=torch.float64), 0.2)
     matrix = torch.randn(2, 3, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(inverse.apply(matrix).flatten(), torch.linalg.solve(inverse.explicit(), matrix.flatten()))
+
+
+# -- a real model's scale: SmolLM2-135M's layout, memory, Fisher sampling, the central-difference step --------
+def test_smollm2_layout_joint_gqa_qkv_and_untracked_head() -> None:
+    """SmolLM2-135M (built on the meta device): joint Q/K/V with grouped-query attention is one block of
+    576 + 192 + 192 outputs; the tied embedding/output head is not tracked (layers.py says why), and the
+    float64 K-FAC factors of all 150 layers take the 2.4 GB that kfac.py states."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    layers = discover_layers(model, ESTIMATORS["kfac_joint_qkv"].groups)
+    qkv = [layer for layer in layers if layer.group == "attn_qkv_joint"]
+    assert len(layers) == 150 and len(qkv) == 30
+    assert {(layer.out_features, layer.in_features) for layer in qkv} == {(576 + 192 + 192, 576)}
+    assert not any("lm_head" in layer.name or "embed" in layer.name for layer in layers)
+    factor_bytes = 8 * sum(layer.in_augmented ** 2 + layer.out_features ** 2 for layer in layers)
+    assert 2.3e9 < factor_bytes < 2.5e9, factor_bytes
+
+
+def test_sampled_labels_follow_the_softmax_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Labels are drawn chunk by chunk in float32, yet follow softmax(logits) and the seed."""
+    monkeypatch.setattr(influence_loss, "FISHER_SAMPLE_ROWS", 7)
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    logits = probs.clamp_min(1e-30).log().double().expand(4, 1000, 4)  # [B, T, V], float64 like a toy model
+    drawn = sample_labels(logits, torch.Generator().manual_seed(5))  # [4, 1000]
+    assert drawn.shape == (4, 1000) and drawn.dtype == torch.long
+    frequencies = torch.bincount(drawn.flatten(), minlength=4).double() / drawn.numel()
+    sigma = (probs.double() * (1 - probs.double()) / drawn.numel()).sqrt()
+    assert bool(((frequencies - probs.double()).abs() <= 5 * sigma + 1e-12).all()), frequencies
+    assert torch.equal(drawn, sample_labels(logits, torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eigenbases_are_kept_in_the_models_precision(dtype: torch.dtype) -> None:
+    model = tiny_llama(dtype=dtype)
+    estimator = make_estimator("kfac_joint_qkv", InfluenceSettings(mode="reverse"))
+    estimator.fit(model, _fit_batches())
+    assert {inv.q_activation.dtype for inv in estimator.inverses.values()} == {dtype}
+    assert {inv.eigenvalues.dtype for inv in estimator.inverses.values()} == {dtype}
+
+
+def test_central_difference_step_is_chosen_per_model(tmp_path) -> None:
+    """With fd_step None, set_reference measures every candidate step against reverse mode on the first
+    reference batch and keeps the most accurate; it is saved with the estimator and scores stay close."""
+    model = tiny_llama(hidden=64, layers=2, dtype=torch.float32)
+    estimator = make_estimator("kfac_joint_qkv", InfluenceSettings(mode="central_difference"))
+    assert estimator.settings.fd_step is None
+    estimator.fit(model, _fit_batches())
+    estimator.set_reference(model, _ref_batches())
+    errors = estimator.fd_errors
+    assert set(errors) == set(FD_STEP_CANDIDATES) and estimator.fd_step == min(errors, key=errors.get)
+    assert errors[estimator.fd_step] < max(errors.values())
+    batch = random_batch(5, 8, VOCAB, seed=21, lengths=[8, 6, 8, 3, 8])
+    reverse = estimator.score_layers(model, batch)
+    exact = torch.stack(list(reverse.values())).sum(0)
+    chosen = estimator.score(model, batch)
+    worst_step = max(errors, key=errors.get)
+    estimator.settings.fd_step = worst_step
+    worst = estimator.score(model, batch)
+    estimator.settings.fd_step = None
+    assert (chosen - exact).abs().max() <= (worst - exact).abs().max()
+    estimator.save(tmp_path / "est.safetensors")
+    again = make_estimator("kfac_joint_qkv", InfluenceSettings(mode="central_difference"))
+    again.load(model, tmp_path / "est.safetensors")
+    assert again.fd_step == estimator.fd_step
+    torch.testing.assert_close(again.score(model, batch), chosen)

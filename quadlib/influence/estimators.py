@@ -47,6 +47,9 @@ from quadlib.settings import setting
 
 
 SCORING_MODES = ("reverse", "jvp", "central_difference")
+# Relative central-difference steps tried when InfluenceSettings.fd_step is None: truncation error
+# grows as c^2 and float32 round-off as 1/c, and where they cross depends on the model.
+FD_STEP_CANDIDATES = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
 # The fastest mode that met the bar (Spearman >= 0.999 and top-5% overlap >= 0.95 against reverse on
 # real pool documents, float32 warm-up proxy; docs/influence_performance.md).
 DEFAULT_MODE = "central_difference"
@@ -68,9 +71,10 @@ class InfluenceSettings:
                                       "central_difference (two no-grad forwards at theta +- eps V, the fastest; "
                                       "float32 or wider models only); the cosine estimator needs ||grad z|| and "
                                       "always runs reverse")
-    fd_step: float = setting(1e-2, "central_difference: relative step c, eps = c ||theta_tracked|| / ||V|| "
-                                   "(1e-2 was the most accurate of 3e-4..1e-2 in float32, "
-                                   "benchmarks/influence_forward_accuracy.py)")
+    fd_step: float | None = setting(
+        None, "central_difference: relative step c, eps = c ||theta_tracked|| / ||V||; None chooses c per model "
+              "at set_reference: the candidate of FD_STEP_CANDIDATES closest to reverse mode on the first "
+              "reference batch (a fixed 1e-2 gave 1e-2 relative error on a random-init 4x256 model, 1e-3 gave 5e-4)")
 
     def __post_init__(self) -> None:
         if self.damping_mode not in DAMPING_MODES:
@@ -81,8 +85,8 @@ class InfluenceSettings:
             raise ValueError("damping must be >= 0 and batch_size >= 1")
         if self.mode not in SCORING_MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {SCORING_MODES}")
-        if not 0 < self.fd_step < 1:
-            raise ValueError(f"fd_step must be in (0, 1), got {self.fd_step}")
+        if self.fd_step is not None and not 0 < self.fd_step < 1:
+            raise ValueError(f"fd_step must be None (chosen per model) or in (0, 1), got {self.fd_step}")
 
 
 PRESETS: dict[str, InfluenceSettings] = {
@@ -102,17 +106,22 @@ def _no_curvature(model: nn.Module, layers: list[TrackedLayer], batches: list[Ba
     return None
 
 
+def curvature_dtype(model: nn.Module) -> torch.dtype:
+    """Eigenbases are kept in the model's precision: float64 for a float64 model, else float32."""
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
 def _kfac(model: nn.Module, layers: list[TrackedLayer], batches: list[Batch],
           settings: InfluenceSettings) -> dict[str, DampedKroneckerInverse]:
     factors = fit_kfac(model, layers, batches, fisher=settings.fisher, seed=settings.seed)
-    return kfac_inverses(factors, settings.damping, settings.damping_mode)
+    return kfac_inverses(factors, settings.damping, settings.damping_mode, curvature_dtype(model))
 
 
 def _ekfac(model: nn.Module, layers: list[TrackedLayer], batches: list[Batch],
            settings: InfluenceSettings) -> dict[str, DampedKroneckerInverse]:
     factors = fit_kfac(model, layers, batches, fisher=settings.fisher, seed=settings.seed)
     return ekfac_inverses(model, layers, batches, factors, settings.damping, settings.damping_mode,
-                          fisher=settings.fisher, seed=settings.seed)
+                          fisher=settings.fisher, seed=settings.seed, dtype=curvature_dtype(model))
 
 
 CURVATURES: dict[str, Curvature] = {"none": _no_curvature, "kfac": _kfac, "ekfac": _ekfac}
@@ -160,7 +169,10 @@ class InfluenceEstimator:
         self.direction: dict[str, torch.Tensor] = {}  # V_l [out, in(+1)], float64
         self.reference_norm = 0.0  # ||grad L(D_ref)|| over tracked layers (cosine)
         self._cast: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
-        self._tangents: dict[tuple[torch.dtype, torch.device, float], tuple[ParameterDirection, float]] = {}
+        self._tangents: dict[tuple[torch.dtype, torch.device], ParameterDirection] = {}
+        self._calibration_batch: Batch | None = None  # the first reference batch, to choose fd_step on
+        self.chosen_fd_step: float | None = None  # c chosen for this model when settings.fd_step is None
+        self.fd_errors: dict[float, float] = {}  # candidate c -> max |CD - reverse| / max |reverse| (calibration)
 
     def _bind(self, model: nn.Module) -> None:
         layers = discover_layers(model, self.spec.groups, self.settings.layer_filter)
@@ -188,7 +200,10 @@ class InfluenceEstimator:
         sums = {layer.name: torch.zeros(layer.out_features, layer.in_augmented, dtype=torch.float64)
                 for layer in self.layers}
         n_tokens = 0
+        self._calibration_batch = None
         for batch in batches:
+            if self._calibration_batch is None:
+                self._calibration_batch = batch
             mask = batch["attention_mask"].bool()
 
             def consumer(layer: TrackedLayer, x: torch.Tensor, delta: torch.Tensor) -> None:
@@ -205,6 +220,35 @@ class InfluenceEstimator:
         self.direction = {name: self.precondition(name, g) for name, g in gradients.items()}
         self._cast.clear()
         self._tangents.clear()
+        self.chosen_fd_step, self.fd_errors = None, {}
+        if self.fd_step is None and self.scoring_mode == "central_difference":
+            self.calibrate_fd_step(model, self._calibration_batch)
+
+    def calibrate_fd_step(self, model: nn.Module, batch: Batch) -> float:
+        """Choose the relative step c for this model: the candidate whose central differences on `batch`
+        are closest to the exact reverse-mode scores (max error relative to the largest |score|).
+
+        eps = c ||theta_tracked|| / ||V|| scales with the weights and the direction; c itself trades
+        truncation (c^2) against round-off (1/c), which depends on the model, so it is measured here:
+        one reverse pass and two forwards per candidate on one batch.
+        """
+        exact = _reverse_scores(self, model, batch)  # [B] float64
+        scale = float(exact.abs().max())
+        if scale == 0.0:
+            raise ValueError("every reference document scores 0; cannot choose a central-difference step")
+        tangents = self.tangents(model)
+        self.fd_errors = {}
+        for c in FD_STEP_CANDIDATES:
+            eps = central_difference_step(model, tangents, c)
+            approx = central_difference_scores(model, batch, tangents, eps)
+            self.fd_errors[c] = float((approx - exact).abs().max()) / scale
+        self.chosen_fd_step = min(self.fd_errors, key=self.fd_errors.get)
+        return self.chosen_fd_step
+
+    @property
+    def fd_step(self) -> float | None:
+        """The relative central-difference step c in use: the settings' own, else the one chosen (or None)."""
+        return self.settings.fd_step if self.settings.fd_step is not None else self.chosen_fd_step
 
     def _direction_as(self, name: str, like: torch.Tensor) -> torch.Tensor:
         key = (name, like.dtype, like.device)
@@ -217,16 +261,28 @@ class InfluenceEstimator:
             raise RuntimeError(f"call set_reference() on estimator {self.name!r} before scoring")
         self._bind(model)
 
-    def parameter_direction(self, model: nn.Module) -> tuple[ParameterDirection, float]:
-        """V on the model's weights (its dtype/device) and the central-difference step eps, cached."""
+    def tangents(self, model: nn.Module) -> ParameterDirection:
+        """V on the model's weights (its dtype/device), cached; shared with reverse mode's cast."""
         self._check_reference(model)
         like = next(model.parameters())
-        key = (like.dtype, like.device, self.settings.fd_step)
+        key = (like.dtype, like.device)
         if key not in self._tangents:
-            cast = {layer.name: self._direction_as(layer.name, like) for layer in self.layers}  # shared with reverse
-            tangents = parameter_direction(model, self.layers, cast)
-            self._tangents[key] = (tangents, central_difference_step(model, tangents, self.settings.fd_step))
+            cast = {layer.name: self._direction_as(layer.name, like) for layer in self.layers}
+            self._tangents[key] = parameter_direction(model, self.layers, cast)
         return self._tangents[key]
+
+    def parameter_direction(self, model: nn.Module) -> tuple[ParameterDirection, float]:
+        """V on the model's weights and the central-difference step eps = c ||theta_tracked|| / ||V||.
+
+        c is InfluenceSettings.fd_step, or the one chosen for this model on the first reference batch.
+        """
+        tangents = self.tangents(model)
+        if self.fd_step is None:
+            if self._calibration_batch is None:
+                raise RuntimeError(f"estimator {self.name!r} has no central-difference step: set_reference "
+                                   "chooses it (or set InfluenceSettings.fd_step)")
+            self.calibrate_fd_step(model, self._calibration_batch)
+        return tangents, central_difference_step(model, tangents, self.fd_step)
 
     # -- scoring ---------------------------------------------------------------------------
     @property
@@ -274,6 +330,8 @@ class InfluenceEstimator:
             tensors[f"eigenvalues/{name}"] = inv.eigenvalues.contiguous()
             tensors[f"damping/{name}"] = torch.tensor(inv.damping, dtype=torch.float64)
         tensors["reference_norm"] = torch.tensor(self.reference_norm, dtype=torch.float64)
+        if self.chosen_fd_step is not None:
+            tensors["chosen_fd_step"] = torch.tensor(self.chosen_fd_step, dtype=torch.float64)
         with atomic_path(Path(path)) as tmp:
             save_file(tensors, str(tmp), metadata={"estimator": self.name})
 
@@ -289,6 +347,8 @@ class InfluenceEstimator:
         self.fitted = True
         self.direction = {name: tensors[f"direction/{name}"] for name in names if f"direction/{name}" in tensors}
         self.reference_norm = float(tensors["reference_norm"])
+        self.chosen_fd_step = float(tensors["chosen_fd_step"]) if "chosen_fd_step" in tensors else None
+        self._calibration_batch = None
         self._cast.clear()
         self._tangents.clear()
 
@@ -313,7 +373,7 @@ def _reverse_scores(estimator: InfluenceEstimator, model: nn.Module, batch: Batc
 
 
 def _jvp_scores(estimator: InfluenceEstimator, model: nn.Module, batch: Batch) -> torch.Tensor:
-    return jvp_scores(model, batch, estimator.parameter_direction(model)[0])
+    return jvp_scores(model, batch, estimator.tangents(model))
 
 
 def _central_difference_scores(estimator: InfluenceEstimator, model: nn.Module, batch: Batch) -> torch.Tensor:

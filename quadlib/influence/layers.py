@@ -8,6 +8,17 @@ A layer may be assembled from several modules (Llama's separate q/k/v) or be a s
 module's outputs (GPT-2's fused c_attn split into Q, K, V for the "independent" variant).
 
 Gradients are always laid out as [out, in(+1)], also for GPT-2's Conv1D whose weight is [in, out].
+
+Grouped-query attention needs nothing special: the joint layer is Q, K and V stacked by output, so
+SmolLM2-135M's block is 576 + 192 + 192 = 960 outputs over the shared 576-wide input (9 query heads,
+3 key/value heads of 64), and its K-FAC G factor is 960 x 960.
+
+Not tracked: the token embedding and the output head (tied in SmolLM2 and GPT-2, one [V, d] matrix).
+The head's K-FAC G factor would be V x V (49,152^2 float64 = 19 GB), and the embedding is a lookup
+whose A factor is a diagonal of token frequencies, so neither fits the Kronecker blocks on a CPU; the
+Quad paper's Hessian is block-diagonal over the MLP and attention projections only, which is what
+`discover_layers` returns (a tied head shares one tensor with the embedding, so tracking it would also
+mix the two roles in one gradient). The reference direction therefore moves only those projections.
 """
 
 from __future__ import annotations

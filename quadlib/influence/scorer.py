@@ -116,6 +116,9 @@ class InfluenceScorer:
         self.estimator.set_reference(self.model, batches)
         for batch in batches:
             self._count(batch)
+        if self.estimator.fd_errors and batches:  # choosing the central-difference step: one reverse pass and
+            self._count(batches[0])  # two forwards per candidate step on the first reference batch
+            self._count(batches[0], 2 * len(self.estimator.fd_errors), backward=False)
 
     def score_texts(self, texts: Sequence[str], ids: Sequence[str] | None = None, per_layer: bool = False,
                     cache: ScoreCache | None = None) -> np.ndarray | pd.DataFrame:
