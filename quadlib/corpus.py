@@ -630,7 +630,7 @@ def _ingest_staged(store: RunStore, specs: list[str], step: str, params: dict[st
         write_json_atomic(folder / "summary.json", summary)
         info["documents"] = report.kept
     if report.read != report.kept + report.heldout:
-        log.warning("corpus %s: %s", step, report.describe())
+        log.warning("%s: %s", step, report.describe())
     for line in report.warnings(step, settings):
         log.warning("%s", line)
     return summary

@@ -22,6 +22,7 @@ import pytest
 from quadlib.cli import main
 from quadlib.corpus import CorpusSettings, content_id, ingest, read_corpus
 from quadlib.execution.executors import LocalExecutor
+from quadlib.execution.step import ShardStep
 from quadlib.execution.steps import DsirFeatureStep
 from quadlib.influence.cache import ScoreCache
 from quadlib.runstore import RunStore, clean_stale_tmp
@@ -149,7 +150,7 @@ def test_two_ingests_on_one_run_folder_never_mix(tmp_path: Path) -> None:
 
     def paused_counter(text: str) -> int:
         started.set()
-        go.wait(10)
+        go.wait(60)
         return 1
 
     settings = CorpusSettings(shard_size=10)
@@ -157,24 +158,25 @@ def test_two_ingests_on_one_run_folder_never_mix(tmp_path: Path) -> None:
                          kwargs={"settings": settings, "count_tokens": paused_counter})
     b = threading.Thread(target=ingest, args=(RunStore(tmp_path / "run"), pool_b), kwargs={"settings": settings})
     a.start()
-    assert started.wait(10)
+    assert started.wait(60)
     b.start()
     b.join(1.0)
     b_waited = b.is_alive()
     go.set()
-    a.join(20)
-    b.join(20)
+    a.join(60)
+    b.join(60)
     store = RunStore(tmp_path / "run")
     assert b_waited
     assert store.read_config("corpus")["params"]["sources"] == [str(pool_b)]
     assert read_corpus(store)["id"].tolist() == [f"d{i + 1000}" for i in range(40)]
 
 
-class _ScaledLength(DsirFeatureStep):
+class _ScaledLength(ShardStep):
     """A toy per-shard step whose output depends on a parameter; the first call of a paused run waits."""
 
+    name = "scaled"
+
     def __init__(self, scale: int, started: threading.Event | None = None, go: threading.Event | None = None):
-        super().__init__(num_buckets=8, name="scaled")
         self.scale, self.started, self.go = scale, started, go
 
     def params(self, store: RunStore) -> dict:
@@ -183,7 +185,7 @@ class _ScaledLength(DsirFeatureStep):
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         if self.started is not None:
             self.started.set()
-            self.go.wait(10)
+            self.go.wait(60)
             self.started = None
         return pd.DataFrame({"id": batch["id"], "value": batch["text"].str.len() * self.scale})
 
@@ -195,12 +197,12 @@ def test_two_runs_of_one_step_with_different_params_never_mix(store: RunStore, t
     a = threading.Thread(target=LocalExecutor().run, args=(_ScaledLength(1, started, go), RunStore(store.root)))
     b = threading.Thread(target=LocalExecutor().run, args=(_ScaledLength(2), RunStore(store.root)))
     a.start()
-    assert started.wait(10)
+    assert started.wait(60)
     b.start()
     b.join(1.0)
     go.set()
-    a.join(20)
-    b.join(20)
+    a.join(60)
+    b.join(60)
     assert store.read_config("scaled")["params"] == {"scale": 2}
     values = pd.concat([pd.read_parquet(p) for p in sorted((store.root / "scaled").glob("shard-*.parquet"))])
     texts = read_corpus(store)
