@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from quadlib.device import default_device
-from quadlib.proxy.checkpoint import atomic_dir
+from quadlib.runstore import atomic_dir
 
 
 def _llama_config(vocab_size: int, *, layers: int, hidden: int, heads: int, intermediate: int,
