@@ -41,6 +41,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from quadlib.runstore import RunStore, to_jsonable, write_json_atomic
+from quadlib.selection.bandit import BanditSettings
 
 RESULT_DIR_PARAM = "RESULT_DIR"
 RESULT_FILE = "result.json"
@@ -59,21 +60,29 @@ class Grid:
     description: str
 
 
+# alpha and tau grids in the bandit's default units (score_scale); each holds 0 and the default.
+ALPHA_GRID = sorted({0.0, 0.03, BanditSettings.alpha, 0.3, 1.0, 3.0})
+TAU_GRID = sorted({0.0, BanditSettings.tau, 0.25, 0.5, 1.0})
+
 GRIDS: dict[str, Grid] = {
-    "alpha": Grid({"ALPHA": [0.0, 0.0005, 0.001, 0.002, 0.004, 0.008]}, "alpha figure",
-                  "UCB exploration weight alpha of CS_i = mean_i + alpha sqrt(2 ln sum_j T_j / T_i); paper default 0.002"),
-    "tau": Grid({"TAU": [0.0, 0.001, 0.0025, 0.005, 0.01]}, "tau figure",
-                "influence threshold tau a sampled document must exceed to be kept; paper default 0.0025"),
+    "alpha": Grid({"ALPHA": ALPHA_GRID}, "alpha figure",
+                  "UCB exploration weight alpha of CS_i = mean_i + alpha sqrt(2 ln sum_j T_j / (T_i + 1)), in standard "
+                  f"deviations of the scores seen (UNITS='score_scale'); default {BanditSettings.alpha}, paper 0.002 "
+                  "in its proxy's absolute units"),
+    "tau": Grid({"TAU": TAU_GRID}, "tau figure",
+                "influence threshold tau a sampled document must exceed to be kept, in standard deviations above the "
+                f"running mean (UNITS='score_scale'); default {BanditSettings.tau}, paper 0.0025 absolute"),
     "n_clusters": Grid({"N_CLUSTERS": [8, 16, 32, 64]}, "Fig. 5d", "number of clusters (arms of the bandit)"),
     "cluster_algorithm": Grid({"CLUSTER_ALGORITHM": ["faiss_kmeans", "minibatch_kmeans", "agglomerative"]}, "Fig. 5c",
                               "clustering algorithm (keys of quadlib.cluster.ALGORITHMS)"),
-    "mab_vs_topk": Grid({"METHOD": ["quad", "topk_clusters"]}, "Fig. 4a",
-                        "multi-armed bandit over clusters against taking the top-k clusters by influence"),
+    "mab_vs_topk": Grid({"METHOD": ["quad", "quad_released", "topk_clusters"]}, "Fig. 4a",
+                        "multi-armed bandit over clusters (the paper's equation and the released code's variant) "
+                        "against taking the top-k clusters by influence"),
     "influence_variant": Grid({"ESTIMATOR": ["dot", "kfac_mlp", "kfac_attn_indep", "kfac_joint_qkv"]}, "Figs. 4b/4c",
                               "influence: no Hessian, K-FAC on MLP, MLP + attention (Q, K, V independent), joint QKV"),
     "budget": Grid({"BUDGET_FRACTION": [0.05, 0.1, 0.2, 0.4]}, "Table 5",
                    "selection budget as a fraction of the pool's tokens"),
-    "threshold_time": Grid({"TAU": [0.0, 0.001, 0.0025, 0.005, 0.01]}, "Table 11",
+    "threshold_time": Grid({"TAU": TAU_GRID}, "Table 11",
                            "selection time cost as a function of the threshold tau (runs shared with 'tau')"),
 }
 

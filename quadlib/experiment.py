@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from quadlib.cluster import ClusterSettings, cluster_corpus, load_assignments
@@ -22,7 +21,7 @@ from quadlib.evaluation.train_eval import EvalSettings, train_and_evaluate
 from quadlib.pipeline import load_proxy, load_scorer, selection_context
 from quadlib.proxy import TrainSettings
 from quadlib.runstore import RunStore, write_json_atomic
-from quadlib.selection import export_selection, make_selector
+from quadlib.selection import BanditSettings, export_selection, make_selector
 from quadlib.selection.metrics import quality_diversity
 from quadlib.settings import setting
 
@@ -31,18 +30,19 @@ BASE_CLUSTER_STEP = "cluster"
 
 @dataclass
 class ExperimentSettings:
-    method: str = setting("quad", "selector: 'quad' or a baseline such as 'topk_clusters' (Fig. 4a)")
+    method: str = setting("quad", "selector: 'quad', 'quad_released' or a baseline such as 'topk_clusters' (Fig. 4a)")
     estimator: str = setting("kfac_joint_qkv", "influence variant (Figs. 4b/4c)")
     n_clusters: int | None = setting(None, "k of a re-clustering (Fig. 5d); None: the base run's k")
     cluster_algorithm: str = setting("faiss_kmeans", "clustering algorithm (Fig. 5c); the base run's clusters "
                                      "are reused when it and k match them")
-    alpha: float = setting(0.002, "UCB exploration weight")
-    tau: float = setting(0.0025, "influence threshold")
-    gamma: float = setting(0.25, "fraction of a batch kept at most")
-    k: int = setting(2, "clusters pulled per round")
-    batch_size: int = setting(8, "documents per pulled cluster and round")
-    units: str = setting("absolute", "'absolute': alpha and tau in score units; 'score_std': multiples of the std "
-                         "of the scores cached so far, so one grid fits any proxy's score scale")
+    # The bandit's knobs default to BanditSettings' (their one home); alpha and tau are in `units`.
+    alpha: float = setting(BanditSettings.alpha, "UCB exploration weight, in `units`")
+    tau: float = setting(BanditSettings.tau, "influence threshold, in `units`")
+    gamma: float = setting(BanditSettings.gamma, "fraction of a batch kept at most")
+    k: int = setting(BanditSettings.k, "clusters pulled per round")
+    batch_size: int = setting(BanditSettings.batch_size, "documents per pulled cluster and round")
+    units: str = setting(BanditSettings.units, "'score_scale': alpha and tau in standard deviations of the scores "
+                         "the bandit has seen (per document, whatever the batch size); 'absolute': score units")
     budget_fraction: float = setting(0.1, "selection budget as a fraction of the pool's tokens (Table 5)")
     train_tokens: int = setting(20_000, "tokens every trained model sees, whatever its selection's size")
     seed: int = setting(0, "selection and training seed")
@@ -62,17 +62,6 @@ def ablation_clusters(base: RunStore, settings: ExperimentSettings) -> pd.DataFr
     return load_assignments(base, step)
 
 
-def _score_scale(scorer: Any, ids: list[str], units: str) -> float:
-    if units == "absolute":
-        return 1.0
-    if units != "score_std":
-        raise ValueError(f"units must be 'absolute' or 'score_std', got {units!r}")
-    cached = np.fromiter(scorer.cached(ids).values(), dtype=np.float64)
-    if len(cached) < 2:
-        raise ValueError("units='score_std' needs scores cached by 02_score/03_bandit; run them first")
-    return float(cached.std())
-
-
 def run_experiment(base_dir: str | Path, result_dir: str | Path, settings: ExperimentSettings,
                    name: str) -> dict[str, Any]:
     """Run one experiment and write `<result_dir>/result.json` (flat: parameters and measurements)."""
@@ -83,11 +72,10 @@ def run_experiment(base_dir: str | Path, result_dir: str | Path, settings: Exper
     ctx.assignments = ablation_clusters(base, settings)
     ctx.run_dir = own.root
     budget = int(settings.budget_fraction * ctx.pool["n_tokens"].sum())
-    scale = _score_scale(scorer, ctx.pool["id"].tolist(), settings.units)
     selector_settings: dict[str, Any] = {}
-    if settings.method == "quad":
-        selector_settings = {"alpha": settings.alpha * scale, "tau": settings.tau * scale, "gamma": settings.gamma,
-                             "k": settings.k, "batch_size": settings.batch_size}
+    if settings.method in ("quad", "quad_released"):  # the bandit reads alpha and tau in `units` itself
+        selector_settings = {"alpha": settings.alpha, "tau": settings.tau, "gamma": settings.gamma,
+                             "k": settings.k, "batch_size": settings.batch_size, "units": settings.units}
     start = time.perf_counter()
     selection = make_selector(settings.method, selector_settings).select(ctx, budget)
     select_seconds = time.perf_counter() - start
@@ -99,7 +87,7 @@ def run_experiment(base_dir: str | Path, result_dir: str | Path, settings: Exper
         base, f"ablate-{name}", texts, base.root / "proxy" / "model", tokenizer,
         TrainSettings(token_budget=settings.train_tokens, batch_size=8, block_size=128, warmup_steps=2),
         [settings.seed], EvalSettings(max_heldout_docs=200))
-    result = {**asdict(settings), **measured, "score_scale": scale, "budget_tokens": budget, "tokens_selected": selection.tokens_selected,
+    result = {**asdict(settings), **measured, "budget_tokens": budget, "tokens_selected": selection.tokens_selected,
               "select_seconds": select_seconds, "docs_scored": selection.cost.docs_scored,
               "flops": selection.cost.flops, **records[0]["metrics"]}
     write_json_atomic(own.root / "result.json", result)

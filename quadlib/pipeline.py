@@ -27,6 +27,7 @@ from quadlib.influence.scorer import InfluenceScorer
 from quadlib.proxy import TrainSettings, build_model, latest_checkpoint, load_tokenizer, warmup_proxy
 from quadlib.runstore import RunStore, to_jsonable
 from quadlib.selection import CachingScorer, SelectionContext, export_selection, make_selector, read_selection
+from quadlib.selection.bandit import clustering_digest, scorer_identity
 from quadlib.selection.probes import HFProbeModel
 from quadlib.settings import setting
 
@@ -168,6 +169,16 @@ class SelectionPlan:
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def selection_key(ctx: SelectionContext) -> dict[str, Any]:
+    """What besides the method's settings, budget and seed made a selection: the clustering, the
+    scorer's identity (proxy, estimator, estimator settings and reference sample: one score cache
+    per identity) and the reference texts the selectors read. A saved selection is reused only
+    when all of them match (issue 14.4)."""
+    reference = hashlib.sha256("\0".join(map(str, ctx.reference_texts)).encode()).hexdigest()
+    return {"clusters": clustering_digest(ctx.assignments) if ctx.assignments is not None else None,
+            "scorer": scorer_identity(ctx.scorer), "reference": reference}
+
+
 def run_selections(store: RunStore, ctx: SelectionContext, plan: SelectionPlan) -> pd.DataFrame:
     """Run every method of `plan` (skipping those already exported with the same settings) and
     return one row per method: tokens, documents, cost and wall time from its manifest."""
@@ -176,7 +187,8 @@ def run_selections(store: RunStore, ctx: SelectionContext, plan: SelectionPlan) 
         settings = plan.method_settings.get(method, {})
         # Own marker: the export step's config records the method's resolved parameters instead.
         step = f"selections/{method}"
-        params = {"method": method, "settings": settings, "budget_tokens": plan.budget_tokens, "seed": ctx.seed}
+        params = {"method": method, "settings": settings, "budget_tokens": plan.budget_tokens, "seed": ctx.seed,
+                  **selection_key(ctx)}
         if not store.begin(step, params, seed=ctx.seed):
             selection = make_selector(method, settings).select(ctx, plan.budget_tokens)
             export_selection(selection, ctx, store)

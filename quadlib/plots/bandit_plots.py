@@ -7,7 +7,7 @@ DataFrames, so the notebook's widgets can redraw them from `replay(...)` without
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,8 +36,10 @@ def pulls_per_cluster_figure(arms: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def cs_trajectories_figure(arms: pd.DataFrame, clusters: Sequence | None = None) -> go.Figure:
-    """CS_i per round for `clusters` (default: the most-pulled ones); infinite cold-start scores are left out."""
+def cs_trajectories_figure(arms: pd.DataFrame, clusters: Sequence | None = None,
+                           units: str | None = None) -> go.Figure:
+    """CS_i per round for `clusters` (default: the most-pulled ones); infinite cold-start scores are left out.
+    `units`: how CS is measured (`quadlib.selection.bandit.units_label`), for the axis title."""
     _require(arms, ("round", "cluster", "cs", "pulled"), "cs_trajectories_figure")
     if clusters is None:
         clusters = arms.groupby("cluster")["pulled"].sum().sort_values(ascending=False).index[:MAX_TRAJECTORIES]
@@ -47,8 +49,8 @@ def cs_trajectories_figure(arms: pd.DataFrame, clusters: Sequence | None = None)
         cs = rows["cs"].replace([np.inf, -np.inf], np.nan)
         fig.add_trace(go.Scatter(x=rows["round"], y=cs, mode="lines", name=f"cluster {label}",
                                  line={"color": PALETTE[i % len(PALETTE)]}))
-    fig.update_layout(title="Cluster score CS_i = mean_i + alpha·sqrt(2 ln ΣT / T_i) per round",
-                      xaxis_title="round", yaxis_title="CS")
+    fig.update_layout(title="Cluster score CS_i = mean_i + alpha·sqrt(2 ln ΣT / (T_i + 1)) per round",
+                      xaxis_title="round", yaxis_title=f"CS ({units or 'units of BanditSettings.units'})")
     return fig
 
 
@@ -74,9 +76,17 @@ def source_mix_figure(mixes: dict[str, pd.Series]) -> go.Figure:
     return fig
 
 
-def quality_diversity_figure(points: pd.DataFrame, label: str | None = None) -> go.Figure:
+def quality_diversity_figure(points: pd.DataFrame, label: str | None = None, *, frontier: str | None = None,
+                             default: float | None = None, current: Mapping[str, float] | None = None,
+                             units: str | None = None) -> go.Figure:
     """Mean influence (quality) against cluster entropy (diversity), one point per parameter setting;
-    marker size = clusters covered. `points` as returned by `quadlib.selection.metrics.replay_sweep`."""
+    marker size = clusters covered. `points` as returned by `quadlib.selection.metrics.replay_sweep`.
+
+    frontier: a swept column (e.g. "alpha"); its rows are joined in increasing order by a line (the
+    quality-diversity frontier over that parameter) and the row equal to `default` is marked with a
+    star. current: one more point ({"entropy", "mean_influence"}) drawn as a red cross, the replay a
+    slider is showing. units: how the swept parameter is measured, written into the title.
+    """
     _require(points, ("mean_influence", "entropy", "clusters_covered"), "quality_diversity_figure")
     params = [c for c in points.columns if c not in ("mean_influence", "entropy", "clusters_covered", "n_docs",
                                                       "tokens_selected", "stop_reason")]
@@ -91,9 +101,25 @@ def quality_diversity_figure(points: pd.DataFrame, label: str | None = None) -> 
     sizes = 8 + 22 * covered / max(covered.max(), 1.0)
     fig = go.Figure(go.Scatter(
         x=points["entropy"], y=points["mean_influence"], mode="markers+text", text=text, textposition="top center",
+        name="settings", showlegend=False,
         marker={"size": sizes, "color": covered, "colorscale": "Viridis", "colorbar": {"title": "clusters"}},
         customdata=covered, hovertemplate="entropy %{x:.3f}<br>mean influence %{y:.4g}<br>clusters %{customdata:.0f}"
                                           "<br>%{text}<extra></extra>"))
-    fig.update_layout(title="Quality vs diversity across settings", xaxis_title="cluster entropy (nats)",
-                      yaxis_title="mean influence of the selection")
+    if frontier is not None:
+        _require(points, (frontier,), "quality_diversity_figure(frontier=...)")
+        line = points.dropna(subset=[frontier]).sort_values(frontier)
+        fig.add_trace(go.Scatter(x=line["entropy"], y=line["mean_influence"], mode="lines",
+                                 name=f"frontier over {frontier}", line={"color": "grey", "dash": "dot"}))
+        if default is not None:
+            marked = line[np.isclose(line[frontier].to_numpy(dtype=np.float64), default)]
+            fig.add_trace(go.Scatter(x=marked["entropy"], y=marked["mean_influence"], mode="markers",
+                                     name=f"default {frontier} = {default:g}",
+                                     marker={"symbol": "star", "size": 18, "color": "gold",
+                                             "line": {"color": "black", "width": 1}}))
+    if current is not None:
+        fig.add_trace(go.Scatter(x=[current["entropy"]], y=[current["mean_influence"]], mode="markers",
+                                 name="this replay", marker={"symbol": "x", "size": 16, "color": "red"}))
+    swept = f" over {frontier}" + (f" ({units})" if units else "") if frontier else ""
+    fig.update_layout(title=f"Quality vs diversity{swept}", xaxis_title="cluster entropy of the selection (nats)",
+                      yaxis_title="mean influence of the selection (score units)")
     return fig

@@ -1,61 +1,135 @@
-"""Sliders over α, τ, γ and k that redraw a bandit replay from cached scores (notebook 03).
+"""Sliders over α, τ, γ and k that re-run the bandit on cached scores at the run's budget (notebook 03).
 
-The figures for the starting values are ordinary outputs (they reach the HTML report); the
-sliders redraw into their own panel only when a person moves one. Executing the cell therefore
-writes nothing into a widget, which keeps batch runs (papermill, nbval) clear of nbclient's
-intermittent hang on cells whose execution captures output in a widget (jupyter/nbclient#312,
-seen here once in a `make demo` run of an earlier `widgets.interactive` version).
+Every slider change replays the bandit (`quadlib.selection.bandit.replay`, no influence computed)
+with the run's settings, budget included, and updates a live read-out: the replay's mean
+influence, cluster entropy, clusters covered, tokens against the budget and its stop reason; the
+panel below redraws the quality-diversity plot (the α sweep's frontier with this replay as a red
+cross), the pulls and the source mix. A header says which fraction of the pool has cached scores:
+a replay explores only those documents. α and τ sliders are labelled with their units and their
+grids hold 0 and the configured value.
+
+The figures for the starting values are ordinary outputs (they reach the HTML report); the panel
+is drawn into only when a person moves a slider. Executing the cell therefore writes nothing into
+a widget, which keeps batch runs (papermill, nbval) clear of nbclient's intermittent hang on cells
+whose execution captures output in a widget (jupyter/nbclient#312).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from quadlib.plots.bandit_plots import cs_trajectories_figure, pulls_per_cluster_figure, source_mix_figure
-from quadlib.selection import BanditSettings, replay
-from quadlib.selection.metrics import source_mix
+from quadlib.plots.bandit_plots import pulls_per_cluster_figure, quality_diversity_figure, source_mix_figure
+from quadlib.selection.bandit import BanditResult, BanditSettings, cached_fraction, replay, units_label
+from quadlib.selection.metrics import quality_diversity, source_mix
+
+SCALE_ALPHAS = (0.03, 0.1, 0.3, 1.0, 3.0)  # in standard deviations of the scores seen
+SCALE_TAUS = (-0.5, 0.25, 0.5, 1.0, 2.0)
 
 
-def replay_figures(scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame,
-                   settings: BanditSettings) -> tuple[str, list[go.Figure]]:
-    """A one-line summary and the pulls, CS trajectories and source-mix figures of one replay."""
+def parameter_grids(settings: BanditSettings, scores: pd.Series) -> dict[str, list[float]]:
+    """Slider values for alpha and tau in `settings.units`, each holding 0 and the configured value."""
+    if settings.units == "score_scale":
+        alphas, taus = SCALE_ALPHAS, SCALE_TAUS
+    else:  # absolute: the same multiples of the cached scores' spread and quantiles
+        spread = float(np.nanstd(scores.to_numpy(dtype=np.float64))) or 1.0
+        alphas = tuple(spread * f for f in SCALE_ALPHAS)
+        taus = tuple(float(q) for q in scores.quantile([0.25, 0.5, 0.75, 0.9]))
+    return {"alpha": sorted({0.0, float(settings.alpha), *alphas}), "tau": sorted({0.0, float(settings.tau), *taus})}
+
+
+def replay_summary(result: BanditResult, scores: pd.Series, pool: pd.DataFrame,
+                   assignments: pd.DataFrame) -> dict[str, Any]:
+    """What the read-out shows: quality, diversity and budget use of one replay."""
+    return {**quality_diversity(result.ids, scores, assignments), "tokens_selected": result.tokens_selected,
+            "budget_tokens": result.settings.budget_tokens, "stop_reason": result.stop_reason,
+            "rounds": int(result.arms["round"].max()) + 1 if len(result.arms) else 0}
+
+
+def _describe(summary: dict[str, Any]) -> str:
+    return (f"{summary['n_docs']:.0f} documents, {summary['tokens_selected']:,} of {summary['budget_tokens']:,} "
+            f"tokens, stop: {summary['stop_reason']} after {summary['rounds']} rounds; mean influence "
+            f"{summary['mean_influence']:.4g}, cluster entropy {summary['entropy']:.3f} nats, "
+            f"{summary['clusters_covered']:.0f} clusters covered")
+
+
+def replay_figures(scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame, settings: BanditSettings,
+                   sweep: pd.DataFrame | None = None) -> tuple[str, list[go.Figure]]:
+    """A one-line summary and the figures of one replay at `settings` (budget included): the
+    quality-diversity plot (the `sweep` frontier over alpha, with this replay), pulls and source mix."""
     result = replay(scores, pool, assignments, settings)
-    summary = f"{len(result.ids)} documents, {result.tokens_selected:,} tokens, stop: {result.stop_reason}"
+    summary = replay_summary(result, scores, pool, assignments)
     mixes = {"pool": source_mix(pool["id"].tolist(), pool, weight="tokens"),
              "replay": source_mix(result.ids, pool, weight="tokens")}
-    return summary, [pulls_per_cluster_figure(result.arms), cs_trajectories_figure(result.arms),
-                     source_mix_figure(mixes)]
+    points = sweep if sweep is not None else pd.DataFrame([{"alpha": settings.alpha, **summary}])
+    quality = quality_diversity_figure(points, frontier="alpha" if "alpha" in points else None,
+                                       default=settings.alpha, current=summary, units=units_label(settings))
+    return _describe(summary), [quality, pulls_per_cluster_figure(result.arms), source_mix_figure(mixes)]
 
 
-def replay_explorer(scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame,
-                    settings: BanditSettings) -> widgets.VBox:
-    """Sliders for α (log scale), τ, γ and k starting at `settings`, above a panel they redraw."""
-    spread = float(np.nanstd(scores)) or 1.0
-    sliders = {
-        "alpha": widgets.FloatLogSlider(value=max(settings.alpha, 1e-6), base=10, min=-6,
-                                        max=np.log10(10 * spread) + 1, description="alpha"),
-        "tau": widgets.FloatSlider(value=settings.tau, min=float(scores.min()), max=float(scores.quantile(0.95)),
-                                   step=spread / 100, description="tau", readout_format=".4g"),
-        "gamma": widgets.FloatSlider(value=settings.gamma, min=0.05, max=1.0, step=0.05, description="gamma"),
-        "k": widgets.IntSlider(value=settings.k, min=1, max=int(assignments["cluster"].nunique()), description="k"),
-    }
-    panel = widgets.Output()
-    hint = widgets.HTML("Move a slider to redraw the replay here; the figures below are for the starting values.")
+class ReplayExplorer:
+    """The widget (`.widget`), its sliders by parameter name, the live read-out and the last replay's summary."""
 
-    def redraw(_change: object) -> None:
-        chosen = replace(settings, **{name: slider.value for name, slider in sliders.items()})
-        with panel:
-            panel.clear_output(wait=True)
-            summary, figures = replay_figures(scores, pool, assignments, chosen)
-            print(summary)
+    def __init__(self, scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame, settings: BanditSettings,
+                 sweep: pd.DataFrame | None = None) -> None:
+        self.scores, self.pool, self.assignments, self.settings, self.sweep = scores, pool, assignments, settings, sweep
+        grids = parameter_grids(settings, scores)
+        unit = units_label(settings)
+        gammas = sorted({round(g, 2) for g in np.arange(0.05, 1.0001, 0.05)} | {float(settings.gamma)})
+        self.sliders: dict[str, widgets.Widget] = {
+            "alpha": widgets.SelectionSlider(options=[(f"{a:.3g}", a) for a in grids["alpha"]],
+                                             value=float(settings.alpha), description=f"α ({unit})", style={"description_width": "initial"}),
+            "tau": widgets.SelectionSlider(options=[(f"{t:.3g}", t) for t in grids["tau"]], value=float(settings.tau),
+                                           description=f"τ ({unit})", style={"description_width": "initial"}),
+            "gamma": widgets.SelectionSlider(options=[(f"{g:.2f}", g) for g in gammas], value=float(settings.gamma),
+                                             description="γ (fraction kept)", style={"description_width": "initial"}),
+            "k": widgets.IntSlider(value=settings.k, min=1, max=int(assignments["cluster"].nunique()),
+                                   description="k (arms per round)", style={"description_width": "initial"}),
+        }
+        fraction = cached_fraction(scores, pool)
+        self.header = widgets.HTML(
+            f"Replays run at the run's budget of {settings.budget_tokens:,} tokens on cached scores only: "
+            f"{fraction:.1%} of the pool ({int(round(fraction * len(pool))):,} of {len(pool):,} documents) has one, "
+            "and a replay explores only those. Move a slider to re-run the bandit; the figures below the "
+            "widget are for the starting values.")
+        self.readout = widgets.HTML()
+        self.panel = widgets.Output()
+        self.summary: dict[str, Any] = {}
+        self._update()
+        for slider in self.sliders.values():
+            slider.observe(self._redraw, names="value")
+        self.widget = widgets.VBox([widgets.HBox(list(self.sliders.values())), self.header, self.readout, self.panel])
+
+    def chosen(self) -> BanditSettings:
+        """The run's settings with the sliders' values."""
+        return replace(self.settings, **{name: slider.value for name, slider in self.sliders.items()})
+
+    def _update(self) -> BanditSettings:
+        chosen = self.chosen()
+        result = replay(self.scores, self.pool, self.assignments, chosen)
+        self.summary = replay_summary(result, self.scores, self.pool, self.assignments)
+        self.readout.value = f"<b>This replay:</b> {_describe(self.summary)}"
+        return chosen
+
+    def _redraw(self, _change: object) -> None:
+        chosen = self._update()
+        with self.panel:
+            self.panel.clear_output(wait=True)
+            _, figures = replay_figures(self.scores, self.pool, self.assignments, chosen, self.sweep)
             for figure in figures:
                 figure.show()
 
-    for slider in sliders.values():
-        slider.observe(redraw, names="value")
-    return widgets.VBox([widgets.HBox(list(sliders.values())), hint, panel])
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def replay_explorer(scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame, settings: BanditSettings,
+                    sweep: pd.DataFrame | None = None) -> ReplayExplorer:
+    """Sliders for α, τ, γ and k starting at `settings` (the run's, budget included), above a live
+    read-out and a panel they redraw; `sweep` (an α `replay_sweep`) draws the frontier."""
+    return ReplayExplorer(scores, pool, assignments, settings, sweep)

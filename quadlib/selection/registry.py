@@ -14,15 +14,16 @@ from quadlib.selection.methods.influence_ranking import (
 )
 from quadlib.selection.methods.mates import MATESSelector
 from quadlib.selection.methods.perplexity import PerplexitySelector
-from quadlib.selection.methods.quad import QuadSelector
+from quadlib.selection.methods.quad import QuadReleasedSelector, QuadSelector
 from quadlib.selection.methods.qurating import QuRatingSelector
 from quadlib.selection.methods.random_sampling import RandomSelector
 from quadlib.selection.methods.semdedup import SemDeDupSelector
 from quadlib.settings import from_dict
 
 SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (
-    RandomSelector, TopKInfluenceSelector, TopKInfluenceQuadCostSelector, TopKClustersSelector, DSIRSelector, PerplexitySelector,
-    SemDeDupSelector, MATESSelector, GroupMATESSelector, QuadSelector, QuRatingSelector,
+    RandomSelector, TopKInfluenceSelector, TopKInfluenceQuadCostSelector, TopKClustersSelector, DSIRSelector,
+    PerplexitySelector, SemDeDupSelector, MATESSelector, GroupMATESSelector, QuadSelector, QuadReleasedSelector,
+    QuRatingSelector,
 )}
 
 
