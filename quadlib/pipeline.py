@@ -187,10 +187,11 @@ def run_selections(store: RunStore, ctx: SelectionContext, plan: SelectionPlan) 
         settings = plan.method_settings.get(method, {})
         # Own marker: the export step's config records the method's resolved parameters instead.
         step = f"selections/{method}"
-        params = {"method": method, "settings": settings, "budget_tokens": plan.budget_tokens, "seed": ctx.seed,
-                  **selection_key(ctx)}
+        selector = make_selector(method, settings)  # resolved settings: a changed default is a changed key
+        params = {"method": method, "settings": selector.params(), "budget_tokens": plan.budget_tokens,
+                  "seed": ctx.seed, **selection_key(ctx)}
         if not store.begin(step, params, seed=ctx.seed):
-            selection = make_selector(method, settings).select(ctx, plan.budget_tokens)
+            selection = selector.select(ctx, plan.budget_tokens)
             export_selection(selection, ctx, store)
             store.mark_done(step)
         _, manifest = read_selection(store, method)
