@@ -48,11 +48,12 @@ class Mutant:
 SELECTORS = "tests/test_selectors.py"
 MUTANTS: tuple[Mutant, ...] = (
     # ---- issue 14: the selection behaviour behind the tables ----
-    Mutant("bandit reward is the batch mean, not the sum", "quadlib/selection/bandit.py",
-           "self.reward[arm] += score_sum", "self.reward[arm] += score_sum / max(n, 1)",
+    # Eq. 6's first term is the mean influence of the arm's pulls: a pull's reward is its batch's mean.
+    Mutant("bandit reward is the batch sum, not the mean", "quadlib/selection/bandit.py",
+           "float(scores[arms_sampled == arm].mean())", "float(scores[arms_sampled == arm].sum())",
            ("tests/test_bandit.py",), "issue 14"),
     Mutant("T_i counts documents, not pulls", "quadlib/selection/bandit.py",
-           "self.pulls[arm] += 1", "self.pulls[arm] += n", ("tests/test_bandit.py",), "issue 14"),
+           "self.pulls[near] += 1", "self.pulls[near] += n", ("tests/test_bandit.py",), "issue 14"),
     Mutant("PPL ranking order reversed", "quadlib/selection/methods/perplexity.py",
            "order = descending(-losses, ", "order = descending(losses, ", (SELECTORS,), "issue 14"),
     Mutant("MATES ranking order reversed", "quadlib/selection/methods/mates.py",
