@@ -56,7 +56,8 @@ class ScoreCache:
         return stat.st_ino, stat.st_mtime_ns
 
     def _read_table(self, path: Path) -> dict[str, float]:
-        table = pd.read_parquet(path)
+        with open(path, "rb") as f:  # one open file: a compaction renaming a new base in cannot mix two versions
+            table = pd.read_parquet(f)
         if list(table.columns) != COLUMNS:
             raise ValueError(f"{path}: expected columns {COLUMNS}, found {list(table.columns)}; "
                              f"delete {self.path} and {self.parts_dir} to rebuild the cache")
