@@ -39,14 +39,18 @@ def notebook_profile() -> str:
 
 
 def notebook_setup() -> None:
-    """Common first step of every notebook: paths relative to the repository root, and plotly
-    figures that render in JupyterLab *and* survive conversion to HTML."""
+    """Common first step of every notebook: paths relative to the repository root, plotly figures
+    that render in JupyterLab *and* survive conversion to HTML, and thread pools no larger than the
+    cores the kernel is given (quadlib.device.cap_threads)."""
     import os
 
     import plotly.io as pio
 
+    from quadlib.device import cap_threads
+
     os.chdir(REPO_ROOT)  # nbval runs notebooks from notebooks/, papermill from the root
     pio.renderers.default = REPORT_RENDERER
+    cap_threads()
 
 
 # Kernels of batch runs (the demo, the ablation workers, the tests): IPC transport (over TCP, ipykernel
