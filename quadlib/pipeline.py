@@ -140,7 +140,7 @@ def prepare_scorer(store: RunStore, model: PreTrainedModel, tokenizer: PreTraine
     corpus = read_corpus(store, columns=["id", "text", "n_tokens"])
     cached = CachingScorer(scorer.score_texts, dict(zip(corpus["id"], corpus["text"], strict=True)),
                            dict(zip(corpus["id"], corpus["n_tokens"], strict=True)), folder / "scores.parquet",
-                           n_params=scorer.n_params)
+                           n_params=scorer.n_params, passes=scorer.passes_per_document(), counter=scorer.cost)
     return scorer, cached
 
 

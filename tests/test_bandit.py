@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from selection_helpers import TableScorer, clustered_pool
 
+from quadlib.cost import Passes
 from quadlib.runstore import RunStore
 from quadlib.selection.bandit import (
     BanditSettings, RunningScale, cluster_scores, keep_mask, load_rounds, pick_arms, replay, run_bandit,
@@ -273,7 +274,7 @@ def _truth_scorer(pool, truth, cache, n_params=1000):
     by_text = {texts[i]: v for i, v in truth.items()}
     n_tokens = dict(zip(pool["id"], pool["n_tokens"], strict=True))
     scorer = CachingScorer(lambda batch: np.array([by_text[t] for t in batch]), texts, n_tokens, cache,
-                           n_params=n_params)
+                           n_params=n_params, passes=Passes(forward=1, backward=1))
     return scorer, texts, n_tokens
 
 

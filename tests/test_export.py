@@ -47,7 +47,7 @@ def test_export_without_clusters_or_scores(ctx, store):
     table, manifest = read_selection(store, "random")
     assert table["cluster"].isna().all() and table["score"].isna().all() and (table["round"] == -1).all()
     assert manifest["docs_per_cluster"] == {} and manifest["cost"] == {
-        "docs_scored": 0, "forward_passes": 0, "backward_passes": 0, "tokens": 0, "flops": 0.0}
+        "docs_scored": 0, "forward_passes": 0, "backward_passes": 0, "jvp_passes": 0, "tokens": 0, "flops": 0.0}
 
 
 def test_export_rejects_ids_outside_the_pool(ctx, store):

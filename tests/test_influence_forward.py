@@ -85,7 +85,7 @@ def test_scorer_runs_the_estimators_mode_and_cosine_stays_reverse() -> None:
 
     (forward, forward_backwards), (reverse, reverse_backwards) = scores("jvp"), scores("reverse")
     np.testing.assert_allclose(forward, reverse, rtol=1e-6, atol=1e-10)
-    assert forward_backwards == reverse_backwards - 2, "two scored batches, no backward pass in jvp mode"
+    assert forward_backwards == reverse_backwards - 3, "three scored documents, no backward pass in jvp mode"
     assert make_estimator("cosine", InfluenceSettings(mode="jvp")).scoring_mode == "reverse"
     with pytest.raises(ValueError, match="mode"):
         InfluenceSettings(mode="finite")

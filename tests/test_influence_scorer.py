@@ -37,7 +37,7 @@ def test_score_texts_matches_estimator_in_input_order() -> None:
     np.testing.assert_allclose(scores, direct, rtol=1e-8, atol=1e-12)
     assert scorer.tokenize("") == [0, 1], "an empty document is framed [bos] [eos] (the model's config ids)"
     assert scorer.tokenize("x" * 40)[-1] == 1 and len(scorer.tokenize("x" * 40)) == 24, "cut text still ends in eos"
-    assert scorer.cost.documents_scored == len(TEXTS) and scorer.cost.backward_passes > 0
+    assert scorer.cost.docs_scored == len(TEXTS) and scorer.cost.backward_passes > 0
     assert scorer.cost.flops == pytest.approx(6 * scorer.n_params * scorer.cost.tokens)
 
 
@@ -53,11 +53,11 @@ def test_cache_recomputes_nothing_already_scored(tmp_path) -> None:
     scorer = _scorer("cosine")
     ids = [f"doc-{i}" for i in range(len(TEXTS))]
     first = scorer.score_texts(TEXTS[:3], ids=ids[:3], cache=ScoreCache(tmp_path / "scores.parquet"))
-    scored = scorer.cost.documents_scored
+    scored = scorer.cost.docs_scored
     cache = ScoreCache(tmp_path / "scores.parquet")  # reopened from disk
     assert len(cache) == 3
     second = scorer.score_texts(TEXTS, ids=ids, cache=cache)
-    assert scorer.cost.documents_scored == scored + 2
+    assert scorer.cost.docs_scored == scored + 2
     np.testing.assert_array_equal(second[:3], first)
     np.testing.assert_allclose(second, scorer.score_texts(TEXTS), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="ids"):

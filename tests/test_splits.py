@@ -29,7 +29,7 @@ from quadlib.corpus import (EVALUATION_PART, REFERENCE_SPLIT_FILE, REFERENCE_SPL
                             CorpusSettings, ReferenceSplitSettings, ingest, read_corpus, read_reference,
                             split_heldout, split_reference)
 from quadlib.evaluation.train_eval import EvalSettings, evaluate_model
-from quadlib.influence.scorer import ScoringCost
+from quadlib.cost import Cost, Passes
 from quadlib.runstore import RunStore
 from quadlib.selection import SELECTORS, make_selector
 from quadlib.synthetic import SyntheticSettings, generate
@@ -150,7 +150,7 @@ def test_the_influence_reference_gradient_reads_only_the_selection_part(run: Run
         n_params = 1
 
         def __init__(self, *args, **kwargs) -> None:
-            self.cost = ScoringCost()
+            self.cost = Cost()
 
         def fit_texts(self, texts) -> None:
             pass
@@ -160,6 +160,9 @@ def test_the_influence_reference_gradient_reads_only_the_selection_part(run: Run
 
         def score_texts(self, texts):
             return np.zeros(len(texts))
+
+        def passes_per_document(self) -> Passes:
+            return Passes(forward=2)
 
     monkeypatch.setattr(pipeline, "make_estimator", lambda *a, **k: FakeEstimator())
     monkeypatch.setattr(pipeline, "InfluenceScorer", FakeScorer)

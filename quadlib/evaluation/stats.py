@@ -66,12 +66,15 @@ def collect_metrics(run_dir: str | Path) -> pd.DataFrame:
 
 
 def collect_costs(run_dir: str | Path) -> pd.DataFrame:
-    """Selection cost per method from `<run>/select-<method>/manifest.json`: wall time and the `cost` fields."""
+    """Selection cost per method from `<run>/select-<method>/manifest.json`: the standalone `cost_*` fields
+    (what the method's scoring costs on its own), the `computed_*` fields (what ran, cache misses only)
+    and the wall time of that run."""
     rows = []
     for path in sorted(Path(run_dir).glob("select-*/manifest.json")):
         manifest = json.loads(path.read_text(encoding="utf-8"))
         method = manifest.get("method", path.parent.name.removeprefix("select-"))
-        cost = {f"cost_{k}": v for k, v in (manifest.get("cost") or {}).items()}
+        cost = {f"cost_{k}": v for k, v in (manifest.get("cost") or {}).items()}  # standalone (quadlib.cost)
+        cost |= {f"computed_{k}": v for k, v in (manifest.get("computed_cost") or {}).items()}  # ran in wall_time_s
         rows.append({"method": method, "wall_time_s": manifest.get("wall_time_s"),
                      "tokens_selected": manifest.get("tokens_selected"), **cost})
     return pd.DataFrame(rows)

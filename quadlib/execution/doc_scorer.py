@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from quadlib.cost import Passes
 from quadlib.execution.ray_cluster import RaySettings, connect_ray, worker_count
 from quadlib.execution.step import Resources
 from quadlib.execution.steps import InfluenceStep
@@ -90,9 +91,12 @@ class RayTextScorer:
 
 def ray_doc_scorer(make_scorer: ScorerFactory, texts: Mapping[str, str], n_tokens: Mapping[str, int],
                    cache: ScoreCache | str | Path, settings: RaySettings | None = None, *,
-                   n_params: int | None = None, passes: tuple[int, int] = (1, 1), run_root: str | Path = ".",
+                   n_params: int | None = None, passes: Passes | None = None, run_root: str | Path = ".",
                    chunk_size: int = 32, resources: Resources = Resources()) -> CachingScorer:
-    """A bandit `DocScorer` (ids in, scores keyed by id out, cost counted) whose work runs on Ray."""
+    """A bandit `DocScorer` (ids in, scores keyed by id out, cost counted) whose work runs on Ray.
+
+    `passes` is what scoring one document costs the actors' scorer (`InfluenceScorer.passes_per_document()`).
+    """
     from quadlib.selection.scoring import CachingScorer
 
     score_texts = RayTextScorer(make_scorer, settings, run_root=run_root, chunk_size=chunk_size, resources=resources)

@@ -1,14 +1,13 @@
 """Text-level influence scoring: tokenise, batch, fit, set the reference, score, count the cost.
 
 Documents are batched by length (padding does not change a score, so this only saves time) and
-results come back in input order. FLOPs are the usual estimates: 6 * n_params * tokens for a
-forward+backward pass, 2 * n_params * tokens for a forward pass.
+results come back in input order. `cost` (`quadlib.cost.Cost`) counts the passes that really ran:
+fit, reference and scoring, per document and by kind (forward, backward, JVP), with their FLOPs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -18,6 +17,7 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from quadlib.cost import Cost, Passes
 from quadlib.device import default_device
 from quadlib.influence.cache import ScoreCache
 from quadlib.influence.estimators import DEFAULT_ESTIMATOR, InfluenceEstimator, make_estimator
@@ -25,26 +25,14 @@ from quadlib.influence.loss import Batch
 from quadlib.proxy.batching import document_delimiters, frame_documents, pad_batch
 
 TextEncoder = Callable[[str], Sequence[int]]
-PASSES_PER_FIT_BATCH = {"none": 0, "kfac": 1, "ekfac": 2}
-# (passes, with backward) per scored batch; a forward with tangents costs about three forwards' FLOPs.
-PASSES_PER_SCORED_BATCH = {"reverse": (1, True), "jvp": (3, False), "central_difference": (2, False)}
-
-
-@dataclass
-class ScoringCost:
-    """What scoring has cost so far (fit and reference passes included)."""
-
-    documents_scored: int = 0
-    forward_passes: int = 0
-    backward_passes: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-
-    def add(self, n_params: int, tokens: int, passes: int = 1, backward: bool = True) -> None:
-        self.forward_passes += passes
-        self.backward_passes += passes if backward else 0
-        self.tokens += tokens * passes
-        self.flops += (6 if backward else 2) * n_params * tokens * passes
+# What one document costs, per pass kind (`quadlib.cost`): fitting K-FAC (one forward + backward per
+# sampled Fisher pass; EK-FAC a second for its eigenvalue correction), the reference gradient, and
+# scoring by mode (reverse: forward + backward; JVP: one forward with tangents; central difference:
+# two no-grad forwards at theta +- eps V).
+FIT_PASSES = {"none": Passes(), "kfac": Passes(forward=1, backward=1), "ekfac": Passes(forward=2, backward=2)}
+REFERENCE_PASSES = Passes(forward=1, backward=1)
+SCORING_PASSES = {"reverse": Passes(forward=1, backward=1), "jvp": Passes(jvp=1),
+                  "central_difference": Passes(forward=2)}
 
 
 def encoder_for(tokenizer: PreTrainedTokenizerBase | TextEncoder | object) -> TextEncoder:
@@ -87,7 +75,7 @@ class InfluenceScorer:
         self.max_length = max_length
         self.batch_size = batch_size or self.estimator.settings.batch_size
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.cost = ScoringCost()
+        self.cost = Cost()
 
     def tokenize(self, text: str) -> list[int]:
         """`[bos] text [eos]` in at most max_length tokens, as training and evaluation frame it."""
@@ -101,24 +89,30 @@ class InfluenceScorer:
             rows = order[start:start + self.batch_size]
             yield rows, collate([encoded[i] for i in rows], self.pad_id, self.device)
 
-    def _count(self, batch: Batch, passes: int = 1, backward: bool = True) -> None:
-        self.cost.add(self.n_params, int(batch["attention_mask"].sum()), passes, backward)
+    def _count(self, batch: Batch, passes: Passes, scored: bool = False) -> None:
+        """Book `passes` for each document of `batch` (its unpadded tokens)."""
+        self.cost.add_documents(passes, len(batch["attention_mask"]), int(batch["attention_mask"].sum()),
+                                self.n_params, scored=scored)
+
+    def passes_per_document(self) -> Passes:
+        """What scoring one document costs in the estimator's mode (central difference: two forwards)."""
+        return SCORING_PASSES[self.estimator.scoring_mode]
 
     def fit_texts(self, texts: Sequence[str]) -> None:
         """Fit the estimator's curvature on pool texts."""
         batches = [batch for _, batch in self.batches(texts)]
         self.estimator.fit(self.model, batches)
         for batch in batches:
-            self._count(batch, PASSES_PER_FIT_BATCH[self.estimator.spec.curvature])
+            self._count(batch, FIT_PASSES[self.estimator.spec.curvature])
 
     def set_reference_texts(self, texts: Sequence[str]) -> None:
         batches = [batch for _, batch in self.batches(texts)]
         self.estimator.set_reference(self.model, batches)
         for batch in batches:
-            self._count(batch)
+            self._count(batch, REFERENCE_PASSES)
         if self.estimator.fd_errors and batches:  # choosing the central-difference step: one reverse pass and
-            self._count(batches[0])  # two forwards per candidate step on the first reference batch
-            self._count(batches[0], 2 * len(self.estimator.fd_errors), backward=False)
+            self._count(batches[0], REFERENCE_PASSES)  # two forwards per candidate step on the first reference batch
+            self._count(batches[0], Passes(forward=2 * len(self.estimator.fd_errors)))
 
     def score_texts(self, texts: Sequence[str], ids: Sequence[str] | None = None, per_layer: bool = False,
                     cache: ScoreCache | None = None) -> np.ndarray | pd.DataFrame:
@@ -144,8 +138,7 @@ class InfluenceScorer:
             else:  # the split by layer needs the reverse pass, whatever the estimator's mode
                 by_layer = self.estimator.score_layers(self.model, batch)
                 scores[positions] = torch.stack(list(by_layer.values())).sum(0).numpy()
-            self._count(batch, *PASSES_PER_SCORED_BATCH["reverse" if per_layer else self.estimator.scoring_mode])
-            self.cost.documents_scored += len(positions)
+            self._count(batch, SCORING_PASSES["reverse" if per_layer else self.estimator.scoring_mode], scored=True)
             if per_layer:
                 for name, values in by_layer.items():
                     for pos, value in zip(positions, values.tolist(), strict=True):

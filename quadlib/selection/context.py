@@ -30,6 +30,8 @@ class SelectionContext:
     `doc_losses(texts) -> [n]` gives per-document mean token losses under the proxy (PPL);
     `proxy_params` is the proxy's parameter count for FLOPs estimates of such callables.
     `probe` is a `quadlib.selection.probes.ProbeModel` (MATES, Group-MATES); `rater` a `Rater` (QuRating).
+    `reference_texts` are the reference set's *selection* part only (`quadlib.corpus.read_reference`):
+    the evaluation part is never in a context, so no selector, scorer, probe or DSIR target sees it.
     """
 
     pool: pd.DataFrame
@@ -93,7 +95,13 @@ class SelectionContext:
 
 @dataclass
 class Selection:
-    """The chosen ids (in selection order), their scores (NaN when a method scored none), and provenance."""
+    """The chosen ids (in selection order), their scores (NaN when a method scored none), and provenance.
+
+    `cost` is the method's standalone cost: every document its scoring asked for, priced at the
+    passes its scorer makes per document (`quadlib.cost`), cached or not. `computed_cost` is what
+    actually ran during this selection (cache misses only; None when the scorer does not say), so
+    the wall time can be read against it.
+    """
 
     method: str
     ids: list[str]
@@ -105,6 +113,7 @@ class Selection:
     rounds: np.ndarray | None = None
     wall_time_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    computed_cost: Cost | None = None
 
     def frame(self) -> pd.DataFrame:
         """`id, score, round` (round is -1 for methods without rounds)."""

@@ -44,7 +44,8 @@ def _manifest(selection: Selection, table: pd.DataFrame, seed: int) -> dict[str,
         "budget_tokens": selection.budget_tokens, "tokens_selected": selection.tokens_selected,
         "n_docs": len(table), "docs_per_source": by_source.size().to_dict(), "tokens_per_source": by_source.sum().to_dict(),
         "docs_per_cluster": by_cluster.size().to_dict(), "tokens_per_cluster": by_cluster.sum().to_dict(),
-        "cost": selection.cost, "wall_time_s": selection.wall_time_s, "extra": selection.extra,
+        "cost": selection.cost, "computed_cost": selection.computed_cost, "wall_time_s": selection.wall_time_s,
+        "extra": selection.extra,
         "files": ["selection.parquet", "selection.jsonl.gz"],
     }
 

@@ -2,7 +2,7 @@
 
 The selection code never depends on how influence is computed (`quadlib.influence` provides the
 estimators); it needs a `DocScorer` (ids -> scores, higher = more helpful to the reference) and a
-`Cost` it can report with every selection (the paper's FLOPs column). `CachingScorer` turns any
+`Cost` (`quadlib.cost`) it can report with every selection (the paper's FLOPs column). `CachingScorer` turns any
 text-scoring function into a `DocScorer` whose scores persist in the influence step's `ScoreCache`
 (parquet keyed by id), so a bandit replay with another alpha, tau or gamma recomputes nothing.
 """
@@ -10,63 +10,15 @@ text-scoring function into a `DocScorer` whose scores persist in the influence s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from quadlib.cost import Cost, Passes
 from quadlib.influence.cache import ScoreCache
 
 TextScoreFn = Callable[[list[str]], np.ndarray]
-
-FORWARD_FLOPS_PER_PARAM_TOKEN = 2  # a forward pass costs ~2 N FLOPs per token (Kaplan et al.)
-BACKWARD_FLOPS_PER_PARAM_TOKEN = 4  # a backward pass ~4 N: forward + backward = 6 N per token
-
-
-@dataclass
-class Cost:
-    """Compute spent by a selection method: documents scored, passes, tokens and estimated FLOPs.
-
-    FLOPs follow the 6·N·tokens rule (2·N for a forward pass, 4·N for a backward pass, N = the
-    model's parameter count); `flops` is None when a method used a model of unknown size.
-    """
-
-    docs_scored: int = 0
-    forward_passes: int = 0
-    backward_passes: int = 0
-    tokens: int = 0
-    flops: float | None = 0.0
-
-    def add_forward(self, passes: int, tokens: int, n_params: int | None) -> None:
-        """Account `passes` forward passes over `tokens` tokens in all."""
-        self.forward_passes += passes
-        self.tokens += tokens
-        self._add_flops(FORWARD_FLOPS_PER_PARAM_TOKEN, tokens, n_params)
-
-    def add_backward(self, passes: int, tokens: int, n_params: int | None) -> None:
-        """Account `passes` backward passes over `tokens` tokens (their forward is counted apart)."""
-        self.backward_passes += passes
-        self._add_flops(BACKWARD_FLOPS_PER_PARAM_TOKEN, tokens, n_params)
-
-    def _add_flops(self, per_param_token: int, tokens: int, n_params: int | None) -> None:
-        if n_params is None or self.flops is None:
-            self.flops = None
-        else:
-            self.flops += float(per_param_token * n_params * tokens)
-
-    def __add__(self, other: Cost) -> Cost:
-        flops = None if self.flops is None or other.flops is None else self.flops + other.flops
-        return Cost(self.docs_scored + other.docs_scored, self.forward_passes + other.forward_passes,
-                    self.backward_passes + other.backward_passes, self.tokens + other.tokens, flops)
-
-    def __sub__(self, other: Cost) -> Cost:
-        flops = None if self.flops is None or other.flops is None else self.flops - other.flops
-        return Cost(self.docs_scored - other.docs_scored, self.forward_passes - other.forward_passes,
-                    self.backward_passes - other.backward_passes, self.tokens - other.tokens, flops)
-
-    def copy(self) -> Cost:
-        return Cost(**asdict(self))
-
 
 @runtime_checkable
 class DocScorer(Protocol):
@@ -83,21 +35,31 @@ class CachingScorer:
     """A `DocScorer` over a text-scoring function, cached by id in `quadlib.influence.cache.ScoreCache`.
 
     Only cache misses reach `score_texts`; `calls` counts those invocations, so a replay can prove
-    it computed nothing. `cost` counts every document asked for, cached or not. Cost assumes one forward and one backward pass per scored document (a
-    per-example gradient, as influence estimators need); pass `passes=(1, 0)` for forward-only
-    scorers. Name the cache file after the estimator, reference and model: one file, one identity.
+    it computed nothing. Two costs are kept:
+
+    - `cost`, the standalone cost: every document asked for, cached or not, priced at `passes`
+      (what scoring one document costs this scorer: `InfluenceScorer.passes_per_document()`, e.g.
+      two forwards for central difference) over its `n_tokens`. A method's cost is what its
+      scoring would cost on its own, whatever another method left in the cache. Without `passes`
+      (a function of unknown cost) only documents are counted and `flops` is None.
+    - `computed`, what ran here: the passes `counter` (the scoring function's own `Cost`, e.g.
+      `InfluenceScorer.cost`) grew by during this scorer's cache misses; zero for a pure replay.
+
+    Name the cache file after the estimator, reference and model: one file, one identity.
     """
 
     def __init__(self, score_texts: TextScoreFn, texts: Mapping[str, str], n_tokens: Mapping[str, int],
-                 cache: ScoreCache | str | Path, *, n_params: int | None = None,
-                 passes: tuple[int, int] = (1, 1)) -> None:
+                 cache: ScoreCache | str | Path, *, n_params: int | None = None, passes: Passes | None = None,
+                 counter: Cost | None = None) -> None:
         self.score_texts = score_texts
         self.texts = texts
         self.n_tokens = n_tokens
         self.cache = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
         self.n_params = n_params
         self.passes = passes
+        self.counter = counter
         self.cost = Cost()
+        self.computed = Cost()
         self.calls = 0
 
     def cached(self, ids: Sequence[str]) -> dict[str, float]:
@@ -111,20 +73,21 @@ class CachingScorer:
             if unknown:
                 raise KeyError(f"no text for {len(unknown)} id(s), e.g. {unknown[:3]}; the scorer's `texts` "
                                "must cover the pool")
+            before = self.counter.copy() if self.counter is not None else None
             values = np.asarray(self.score_texts([self.texts[i] for i in missing]), dtype=np.float64)
             if values.shape != (len(missing),):
                 raise ValueError(f"score_texts returned shape {values.shape} for {len(missing)} texts")
             self.calls += 1
+            if self.counter is not None and before is not None:
+                self.computed = self.computed + (self.counter - before)
             self.cache.put(missing, values)
-        # A method's cost is what its scoring would cost on its own: cache hits count too, so
-        # methods compare fairly whatever ran before them (`calls` shows what was really computed).
         unique = list(dict.fromkeys(ids))
-        tokens = sum(int(self.n_tokens[i]) for i in unique)
-        forward, backward = self.passes
-        self.cost.docs_scored += len(unique)
-        self.cost.add_forward(forward * len(unique), forward * tokens, self.n_params)
-        if backward:
-            self.cost.add_backward(backward * len(unique), backward * tokens, self.n_params)
+        if self.passes is None:
+            self.cost.docs_scored += len(unique)
+            self.cost.flops = None
+        else:
+            tokens = sum(int(self.n_tokens[i]) for i in unique)
+            self.cost.add_documents(self.passes, len(unique), tokens, self.n_params)
         known = self.cache.get(ids)
         return np.array([known[i] for i in ids], dtype=np.float64)
 

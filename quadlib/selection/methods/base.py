@@ -34,9 +34,13 @@ class Selector(ABC):
             raise TypeError(f"{type(self).__name__} takes {self.settings_type.__name__}, got {type(self.settings).__name__}")
 
     def select(self, ctx: SelectionContext, budget_tokens: int) -> Selection:
+        computed = getattr(ctx.scorer, "computed", None)  # what the scorer really ran (CachingScorer)
+        before = computed.copy() if isinstance(computed, Cost) else None
         start = time.perf_counter()
         selection = self._select(ctx, int(budget_tokens))
         selection.wall_time_s = time.perf_counter() - start
+        if before is not None:
+            selection.computed_cost = ctx.scorer.computed - before
         return selection
 
     @abstractmethod
