@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from quadlib.corpus import approx_token_count
 from quadlib.selection import SELECTORS, BanditSettings, SelectionContext, make_selector
 from quadlib.selection.context import fill_budget
-from quadlib.selection.methods.qurating import QuRatingSelector
+from quadlib.selection.methods.qurating import QuRatingSelector, QuRatingSettings
 from quadlib.selection.probes import HFProbeModel
 from quadlib.synthetic import DOMAINS, REFERENCE_DOMAINS, SyntheticSettings, generate
 
@@ -128,10 +128,9 @@ def test_mates_oracles_come_from_real_probes(ctx):
     assert np.isfinite(oracle).all() and np.ptp(oracle) > 0
 
 
-def test_qurating_needs_a_rater(ctx):
-    no_rater = SelectionContext(pool=ctx.pool, seed=1)
-    with pytest.raises(ValueError, match="rater"):
-        QuRatingSelector().select(no_rater, BUDGET)
+def test_qurating_refuses_an_unknown_criterion(ctx):
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        QuRatingSelector(QuRatingSettings(criterion="vibes")).select(ctx, BUDGET)
 
 
 def test_fill_budget_skips_what_does_not_fit():
