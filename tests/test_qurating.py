@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from quadlib.corpus import approx_token_count
+from quadlib.influence.cache import ScoreCache
 from quadlib.proxy import build_model, train_bpe_tokenizer
 from quadlib.runstore import RunStore
 from quadlib.selection import SelectionContext, make_selector
@@ -81,8 +82,6 @@ def test_the_rater_learns_the_judges_preference(pool, tmp_path):
     rng = np.random.default_rng(0)
     pairs = rng.permutation(len(texts))[:40].reshape(-1, 2)  # [20, 2]
     criteria = list(CRITERIA)
-    from quadlib.influence.cache import ScoreCache
-
     judge = KeywordJudge()
     cache = ScoreCache(tmp_path / "judgements.parquet")
     forward, backward = judge_pairs(judge, texts, ids, pairs, criteria, cache)
@@ -149,8 +148,7 @@ def test_qurating_end_to_end_with_a_tiny_judge(pool, tiny_judge_dir, tmp_path):
     assert selection.cost.forward_passes == judge_prompts + rater_passes + len(pool)
     assert selection.cost.backward_passes == rater_passes
     assert selection.extra["reads"]["judge"] == str(tiny_judge_dir)
-    cached = pd.read_parquet(store.root / "qurating" / "judgements-ex16.parquet")
-    assert len(cached) == judge_prompts
+    assert len(ScoreCache(store.root / "qurating" / "judgements-ex16.parquet")) == judge_prompts
     again = make_selector("qurating", settings).select(ctx, budget)
     assert again.ids == selection.ids  # same seed, same selection (judgements read from the cache)
     assert again.cost.forward_passes == rater_passes + len(pool)
