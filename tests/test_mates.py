@@ -241,3 +241,18 @@ def test_the_probe_continues_the_warmup_optimizer_state(data, tmp_path):
     other = tiny_lm_probe(["a b c"], ["a b"])  # another vocabulary: other embedding shapes
     with pytest.raises(ValueError, match="does not fit this model"):
         other.load_optimizer_moments(folder)
+
+
+def test_group_mates_inference_clusters_the_pool_and_spends_the_budget():
+    from quadlib.selection.methods.group_mates import GroupMATESSelector, GroupMATESSettings
+
+    rng = np.random.default_rng(0)
+    centres = unit([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    reps = unit(*(centres[i % 3] + 0.05 * rng.normal(size=3) for i in range(60)))  # three tight groups
+    individual = np.where(np.arange(60) % 3 == 0, 1.0, 0.5) + 0.01 * rng.normal(size=60)
+    pool = pd.DataFrame({"id": [f"d{i:02d}" for i in range(60)], "text": "x", "source": "s", "n_tokens": 10})
+    selector = GroupMATESSelector(GroupMATESSettings(docs_per_cluster=20))
+    order, scores, labels = selector._cluster_greedy(SelectionContext(pool=pool), individual, reps,
+                                                     pool["n_tokens"].to_numpy(), 300, 1.0, 1.0)
+    assert len(set(labels.tolist())) == 3 and len(order) == len(set(order.tolist())) == 30  # 300 tokens, all spent
+    assert np.bincount(labels[order], minlength=3).tolist() == [10, 10, 10]  # each cluster its token share
