@@ -38,6 +38,11 @@ def notebook_profile() -> str:
     return profile
 
 
+def is_test_profile() -> bool:
+    """The notebooks' parameters cells ask this (a comparison there would trip papermill's parameter parser)."""
+    return notebook_profile() == "test"
+
+
 def notebook_setup() -> None:
     """Common first step of every notebook: paths relative to the repository root, plotly figures
     that render in JupyterLab *and* survive conversion to HTML, and thread pools no larger than the

@@ -119,3 +119,14 @@ def test_ablation_grids_match_notebook_04(monkeypatch: pytest.MonkeyPatch) -> No
     bandit = _defaults("03_bandit", "demo", monkeypatch)  # the ablations run 03's bandit
     assert {k: v for k, v in evaluate["ABLATE_FIXED"].items() if k in bandit} == \
         {k: bandit[k] for k in evaluate["ABLATE_FIXED"] if k in bandit}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_papermill_reads_every_parameter_without_a_warning(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A comparison in the parameters cell made papermill warn "Unable to parse line" on every demo run."""
+    import papermill
+
+    with caplog.at_level("WARNING", logger="papermill"):
+        inferred = papermill.inspect_notebook(str(REPO_ROOT / "notebooks" / f"{name}.ipynb"))
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert set(inferred) == _parameters(name)
