@@ -364,6 +364,18 @@ def test_pretrained_model_refuses_a_trained_tokenizer(store) -> None:
             warmup_proxy(store, TEXTS, name, 4096, tiny_settings())
 
 
+def test_folder_model_keeps_its_tokenizer_and_skips_warmup(store, tokenizer, tmp_path: Path) -> None:
+    """A pretrained folder (the hub path's local twin) is stored as it is: no training, its own tokenizer."""
+    source = build_model("test-llama", tokenizer=tokenizer, seed=4)
+    save_model(source, tokenizer, tmp_path / "pretrained")
+    model, own = warmup_proxy(store, TEXTS, str(tmp_path / "pretrained"), None, tiny_settings(), progress=False)
+    assert own("naïve café", add_special_tokens=False).input_ids == tokenizer("naïve café",
+                                                                              add_special_tokens=False).input_ids
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values(), strict=True))
+    assert store.done_info("proxy")["warmup"] == "skipped: pretrained model"
+    assert not (store.step_dir("proxy") / "checkpoints").exists()
+
+
 def test_warmup_proxy_resumes_after_a_crash(store, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = tiny_settings(total_steps=3)
 
