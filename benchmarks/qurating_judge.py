@@ -44,7 +44,7 @@ def pool_sample(folder: Path, n: int, seed: int) -> tuple[list[str], list[str]]:
                 record = json.loads(line)
                 ids.append(record["id"])
                 texts.append(record["text"])
-    rows = np.random.default_rng(seed).choice(len(ids), size=n, replace=False)
+    rows = np.random.default_rng(seed).permutation(len(ids))[:n]  # a smaller run is a prefix of a larger one
     return [ids[r] for r in rows], [texts[r] for r in rows]
 
 

@@ -145,13 +145,16 @@ def test_qurating_end_to_end_with_a_tiny_judge(pool, tiny_judge_dir, tmp_path):
     assert selection.extra["n_pairs"] == 3 and len(selection.extra["judged_ids"]) == 3
     judge_prompts = 3 * 2 * len(CRITERIA)
     rater_passes = 2 * 3  # one epoch over 3 pairs, forward and backward of both texts
-    assert selection.cost.forward_passes == judge_prompts + rater_passes + len(pool)
+    fit_check = 2 * 3  # the fitted rater re-rates the judged pairs (train agreement)
+    assert selection.cost.forward_passes == judge_prompts + rater_passes + fit_check + len(pool)
     assert selection.cost.backward_passes == rater_passes
     assert selection.extra["reads"]["judge"] == str(tiny_judge_dir)
     assert len(ScoreCache(store.root / "qurating" / "judgements-ex16.parquet")) == judge_prompts
     again = make_selector("qurating", settings).select(ctx, budget)
     assert again.ids == selection.ids  # same seed, same selection (judgements read from the cache)
-    assert again.cost.forward_passes == rater_passes + len(pool)
+    assert again.cost.forward_passes == selection.cost.forward_passes  # standalone: cached judgements priced too
+    assert again.computed_cost.forward_passes == rater_passes + fit_check + len(pool)  # computed: none re-judged
+    assert selection.computed_cost.forward_passes == selection.cost.forward_passes
 
 
 def test_tiny_judge_is_order_independent_of_batching(tiny_judge_dir, pool):

@@ -39,7 +39,7 @@ class Selector(ABC):
         start = time.perf_counter()
         selection = self._select(ctx, int(budget_tokens))
         selection.wall_time_s = time.perf_counter() - start
-        if before is not None:
+        if before is not None and selection.computed_cost is None:  # a method may book its own (QuRating)
             selection.computed_cost = ctx.scorer.computed - before
         return selection
 

