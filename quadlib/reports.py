@@ -60,11 +60,13 @@ def notebook_setup() -> None:
 
 # Kernels of batch runs (the demo, the ablation workers, the tests): IPC transport (over TCP, ipykernel
 # warns on every start that its traffic is unencrypted), then `batch_kernel_setup`, and each cell's
-# stream outputs merged with "\r" applied (a tqdm bar is saved as its last state).
+# stream outputs merged with "\r" applied (a tqdm bar is saved as its last state). A cell's last outputs
+# may reach the client seconds after its reply on a loaded machine: nbclient's 4 s wait for them failed
+# 01_cluster beside 10 other busy processes ("Timeout waiting for IOPub output"), so wait longer.
 BATCH_KERNEL = {"config": {"KernelManager": {"transport": "ipc"}},
                 "extra_arguments": ["--IPKernelApp.exec_lines=from quadlib.reports import batch_kernel_setup; "
                                     "batch_kernel_setup()"],
-                "coalesce_streams": True}
+                "coalesce_streams": True, "iopub_timeout": 300}
 SHUTDOWN_INTERRUPT_LOG = "KeyboardInterrupt caught in kernel"
 
 
