@@ -251,7 +251,7 @@ def build_report(reports: Path, names: Sequence[str] = NOTEBOOKS, title: str = "
 
 VERDICT_TAG = "verdict"
 VERDICT_HEADING = ("# Verdict\n\nThe one-screen summary of 05_evaluate: each method against Random by paired "
-                   "differences over items and seeds (95% bootstrap intervals, Holm-adjusted tests). "
+                   "differences over items and seeds (95% intervals, Holm-adjusted tests). "
                    "The notebooks follow.")
 
 

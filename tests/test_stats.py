@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 
 from quadlib.evaluation.stats import (
-    collect_costs, collect_metrics, compare_to_baseline, higher_is_better, holm, metric_intervals, paired_differences, pareto_front,
+    bootstrap_statistic, collect_costs, collect_metrics, compare_to_baseline, higher_is_better, holm, metric_intervals, paired_differences, pareto_front,
     results_table, significance_table, summarize,
 )
 from quadlib.evaluation.train_eval import METRICS_FILE, eval_step
@@ -128,6 +128,23 @@ def test_paired_differences_see_a_shift_that_item_variance_hides() -> None:
     half = (quad["ci_high"] - quad["ci_low"]) / 2
     assert half == pytest.approx(1.96 * np.std(better - base) / np.sqrt(400), rel=0.1)
     assert table["p_holm"].tolist() == pytest.approx(holm(table["p"]).tolist())
+
+
+def test_seeds_that_disagree_widen_the_interval_as_a_t_test_over_seeds_would() -> None:
+    """Three seeds (selections) whose mean differences disagree: the items alone would call a gain
+    of 0.083 certain; the seed part of the error and t with ~2 degrees of freedom do not."""
+    rng = np.random.default_rng(3)
+    offsets = np.array([0.3, -0.25, 0.2])  # per-seed mean difference
+    diffs = offsets[:, None] + rng.normal(0.0, 0.01, size=(3, 100))  # [S, I]
+    out = bootstrap_statistic(diffs, np.ones(100), np.zeros(100), n_boot=1000)
+    seed_means = diffs.mean(axis=1)
+    assert out["estimate"] == pytest.approx(seed_means.mean(), rel=1e-12)
+    assert out["se"] >= np.std(seed_means, ddof=1) / np.sqrt(3)  # at least the seed part
+    assert out["df"] == pytest.approx(2.0, rel=0.05)  # the seed part dominates
+    assert out["p"] == pytest.approx(sps.ttest_1samp(seed_means, 0.0).pvalue, rel=0.05)
+    assert out["ci_low"] < 0 < out["ci_high"]
+    one_seed = bootstrap_statistic(diffs[:1], np.ones(100), np.zeros(100), n_boot=1000)
+    assert one_seed["p"] < 1e-10  # one seed sees only item noise
 
 
 def test_identical_models_and_constant_seed_groups_get_no_test() -> None:

@@ -10,10 +10,11 @@ Two levels of comparison with a baseline (Random):
   d_{s,i} = m_{s,i} - b_{s,i} over items i and shared seeds s. The statistic is the metric's own
   aggregate of the differences (a weighted mean per task, averaged over the tasks of a composite
   such as `heldout_mean`, then over seeds), so it equals the difference of the reported metrics.
-  Its confidence interval is a two-way (seeds x items) percentile bootstrap, items resampled
-  within each task; its p-value is Wald's with the bootstrap standard error, and the p-values of
-  all comparisons in a table are adjusted together by Holm's step-down method (family-wise
-  error <= alpha). A difference with no bootstrap spread (e.g. two
+  Its standard error adds an item part (a bootstrap over items, resampled within each task) and
+  a seed part (the spread of the per-seed statistics), its interval and p-value use Student's t
+  with Satterthwaite's degrees of freedom (`bootstrap_statistic`), and the p-values of all
+  comparisons in a table are adjusted together by Holm's step-down method (family-wise error
+  <= alpha). A difference with no bootstrap spread (e.g. two
   identical models) gets no test.
 
 The paper reports mean ± std over seeds with significance against Random (Tables 6 and 7).
@@ -262,14 +263,18 @@ def _group_stat(counts: np.ndarray, values: np.ndarray, weights: np.ndarray, sta
 
 def bootstrap_statistic(values: np.ndarray, weights: np.ndarray, groups: np.ndarray, *, n_boot: int = 2000,
                         level: float = 0.95, rng: np.random.Generator | None = None) -> dict[str, float]:
-    """Estimate, percentile interval and two-sided p (H0: statistic = 0) of
-    T = mean_s mean_g (sum_{i in g} w_i v_{s,i} / sum_{i in g} w_i) for values [S, I] (seeds x items).
+    """Estimate, interval and two-sided p (H0: statistic = 0) of
+    T = mean_s T_s, T_s = mean_g (sum_{i in g} w_i v_{s,i} / sum_{i in g} w_i), for values [S, I]
+    (seeds x items, crossed: every seed scores the same items).
 
-    The bootstrap resamples seeds and, independently, items within each group (two-way, for the
-    crossed seeds x items design). The interval is the replicates' percentile interval; the test is
-    Wald's with the bootstrap standard error, p = 2 (1 - Phi(|T| / se*)) (continuous, so that Holm's
-    correction over hundreds of comparisons is not floored by the 1/n_boot resolution of a
-    percentile p); NaN when the replicates have no spread (then there is nothing to test).
+    Var(T) has an item part and a seed part. The item part V_item is the variance of T over
+    `n_boot` bootstrap resamples of the items (within each group, the same resample for every
+    seed); the seed part is V_seed = var_s(T_s) / S (ddof 1; 0 for one seed). se = sqrt(V_item +
+    V_seed) (slightly conservative: the seed x item noise is counted in both parts), with
+    Satterthwaite's degrees of freedom df = se^4 / (V_seed^2 / (S - 1) + V_item^2 / (I - 1)), so a
+    few seeds that disagree widen the interval as a t-test over seeds would. Interval
+    T -/+ t_df se; p = 2 P(t_df > |T| / se). NaN p (no test) when se is 0: nothing varies.
+    `benchmarks/paired_test_calibration.py` measures the false-positive rate and coverage.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     values = np.atleast_2d(np.asarray(values, dtype=np.float64))  # [S, I]
@@ -279,15 +284,21 @@ def bootstrap_statistic(values: np.ndarray, weights: np.ndarray, groups: np.ndar
     values, weights, groups = values[:, order], weights[order], groups[order]
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])  # first index of each group
     sizes = np.diff(np.r_[starts, len(groups)])
-    n_seeds = values.shape[0]
-    estimate = float(_group_stat(np.ones((1, len(groups))), values, weights, starts).mean())
-    per_seed = _group_stat(_counts(sizes, n_boot, rng), values, weights, starts)  # [B, S]
-    seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_boot)  # [B, S]
-    replicates = (per_seed * seed_counts).sum(axis=1) / n_seeds  # [B]
-    low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
-    se = float(replicates.std(ddof=1))
-    p = float("nan") if se <= 1e-12 * max(1.0, abs(estimate)) else float(2 * sps.norm.sf(abs(estimate) / se))
-    return {"estimate": estimate, "ci_low": float(low), "ci_high": float(high), "se": se, "p": p}
+    n_seeds, n_items = values.shape
+    per_seed = _group_stat(np.ones((1, n_items)), values, weights, starts)[0]  # [S]: T_s
+    estimate = float(per_seed.mean())
+    replicates = _group_stat(_counts(sizes, n_boot, rng), values, weights, starts).mean(axis=1)  # [B]
+    v_item = float(replicates.var(ddof=1)) if n_boot > 1 else 0.0
+    v_seed = float(per_seed.var(ddof=1)) / n_seeds if n_seeds > 1 else 0.0
+    se = float(np.sqrt(v_item + v_seed))
+    if se <= 1e-12 * max(1.0, abs(estimate)):
+        return {"estimate": estimate, "ci_low": estimate, "ci_high": estimate, "se": 0.0, "df": float("nan"),
+                "p": float("nan")}
+    denominator = (v_seed ** 2 / (n_seeds - 1) if n_seeds > 1 else 0.0) + v_item ** 2 / max(n_items - 1, 1)
+    df = float(se ** 4 / denominator)
+    half = float(sps.t.ppf((1 + level) / 2, df)) * se
+    return {"estimate": estimate, "ci_low": estimate - half, "ci_high": estimate + half, "se": se, "df": df,
+            "p": float(2 * sps.t.sf(abs(estimate) / se, df))}
 
 
 def _matrix(rows: pd.DataFrame, seeds: Sequence[int]) -> tuple[np.ndarray, pd.DataFrame]:
@@ -304,7 +315,7 @@ def paired_differences(items: pd.DataFrame, baseline: str = "random", metrics: S
     """Each method against `baseline` by paired differences over items and shared seeds (module doc).
 
     Returns one row per (method, metric): `diff` = metric(method) - metric(baseline) in the metric's
-    units with its bootstrap interval [ci_low, ci_high], `gain` = diff oriented so that positive is
+    units with its 95% interval [ci_low, ci_high] (`bootstrap_statistic`), `gain` = diff oriented so that positive is
     better, p, Holm-adjusted p over every row (`p_holm`), `significant` (p_holm < alpha), and the
     numbers of paired items and seeds. Items are matched by (task, item) and seeds by number.
     """
@@ -346,8 +357,8 @@ def paired_differences(items: pd.DataFrame, baseline: str = "random", metrics: S
 
 def metric_intervals(items: pd.DataFrame, metrics: Sequence[str], *, n_boot: int = 2000, level: float = 0.95,
                      seed: int = 0) -> pd.DataFrame:
-    """Each method's own value of each metric (mean over its seeds) with the same two-way bootstrap
-    interval: columns method, metric, value, ci_low, ci_high, n_items, n_seeds."""
+    """Each method's own value of each metric (mean over its seeds) with the interval of
+    `bootstrap_statistic`: columns method, metric, value, ci_low, ci_high, n_items, n_seeds."""
     rng = np.random.default_rng(seed)
     rows = []
     for name in metrics:

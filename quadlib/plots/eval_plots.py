@@ -126,7 +126,7 @@ def _error(frame: pd.DataFrame, value: str, low: str, high: str) -> dict:
 def tradeoff_figure(levels: pd.DataFrame, x: str = "heldout_bpb_mean", y: str = "ref_loss",
                     title: str | None = None) -> go.Figure:
     """Each method's `y` (reference-eval loss) against its `x` (held-out loss), both lower-is-better,
-    with the bootstrap intervals of `stats.metric_intervals` as error bars; the Pareto front (the
+    with the 95% intervals of `stats.metric_intervals` as error bars; the Pareto front (the
     methods no other method beats on both) is drawn as a line and its members as diamonds."""
     _require(levels, ("method", "metric", "value", "ci_low", "ci_high"), "tradeoff_figure")
     for metric in (x, y):
@@ -150,7 +150,7 @@ def tradeoff_figure(levels: pd.DataFrame, x: str = "heldout_bpb_mean", y: str = 
     fig.add_trace(go.Scatter(x=line["x"], y=line["y"], mode="lines", name="Pareto front",
                              line={"color": "black", "dash": "dot"}, hoverinfo="skip"))
     n_items = int(wide[y]["n_items"].min()) if "n_items" in wide[y] else None
-    fig.update_layout(title=title or "Trade-off: reference-eval loss against held-out loss (95% bootstrap "
+    fig.update_layout(title=title or "Trade-off: reference-eval loss against held-out loss (95% "
                       "intervals; lower-left is better)" + (f", {n_items} reference items" if n_items else ""),
                       xaxis_title=axis_title(x), yaxis_title=axis_title(y))
     return fig
@@ -176,7 +176,7 @@ def cost_gain_figure(paired: pd.DataFrame, costs: pd.DataFrame, metric: str = "r
                                  error_y={"type": "data", "symmetric": False, "array": [high - row["gain"]],
                                           "arrayminus": [row["gain"] - low]}))
     fig.add_hline(y=0.0, line={"color": BASELINE_LINE, "dash": "dash"}, annotation_text=f"{BASELINE}")
-    fig.update_layout(title=title or f"Cost against gain over Random on {metric} (95% paired bootstrap "
+    fig.update_layout(title=title or f"Cost against gain over Random on {metric} (95% paired "
                       "intervals; * = Holm-adjusted p < 0.05)",
                       xaxis_title=axis_title(cost_column, "selection cost: "),
                       yaxis_title=axis_title(metric, "gain over Random in "), xaxis_type="log" if log_x else None)
@@ -189,7 +189,7 @@ BASELINE_LINE = "#7f7f7f"
 def paired_differences_figure(paired: pd.DataFrame, metrics: Sequence[str], title: str | None = None,
                               labels: Sequence[str] | None = None) -> go.Figure:
     """Per metric (e.g. each task's gold bits per byte) and method: the paired gain over Random with
-    its bootstrap interval, as horizontal error bars; right of 0 is better, `*` marks a
+    its 95% interval, as horizontal error bars; right of 0 is better, `*` marks a
     Holm-adjusted significant difference. The metrics must share a unit."""
     _require(paired, ("method", "metric", "gain", "ci_low", "ci_high", "significant"), "paired_differences_figure")
     units = {metric_unit(m) for m in metrics}
@@ -210,7 +210,7 @@ def paired_differences_figure(paired: pd.DataFrame, metrics: Sequence[str], titl
                      "arrayminus": (rows["gain"] - low).to_numpy()}))
     fig.add_vline(x=0.0, line={"color": BASELINE_LINE, "dash": "dash"})
     unit = units.pop() if units else ""
-    fig.update_layout(title=title or "Paired difference from Random per task (95% bootstrap intervals; right is "
+    fig.update_layout(title=title or "Paired difference from Random per task (95% intervals; right is "
                       "better; * = Holm-adjusted p < 0.05)", scattermode="group",
                       xaxis_title=f"gain over Random ({unit})" if unit else "gain over Random", yaxis_title="metric",
                       height=200 + 40 * len(labels))
