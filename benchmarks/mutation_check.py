@@ -46,6 +46,7 @@ class Mutant:
 
 
 SELECTORS = "tests/test_selectors.py"
+MATES = ("tests/test_mates.py",)
 MUTANTS: tuple[Mutant, ...] = (
     # ---- issue 14: the selection behaviour behind the tables ----
     # Eq. 6's first term is the mean influence of the arm's pulls: a pull's reward is its batch's mean.
@@ -60,16 +61,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "return np.lexsort((rank, np.abs(rank - centre)))", "return np.lexsort((rank, -np.abs(rank - centre)))",
            ("tests/test_competitors.py",), "issue 16"),
     Mutant("MATES ranking order reversed", "quadlib/selection/methods/mates.py",
-           "order = descending(predicted, ", "order = descending(-predicted, ", (SELECTORS,), "issue 14"),
+           "order = candidates[gumbel_order(predicted / s.temperature, rng)]",
+           "order = candidates[gumbel_order(-predicted / s.temperature, rng)]", MATES, "issue 14"),
     Mutant("top-k clusters ranked lowest mean first", "quadlib/selection/methods/influence_ranking.py",
            "np.lexsort((np.arange(len(means)), -means))", "np.lexsort((np.arange(len(means)), means))",
            (SELECTORS,), "issue 14"),
     Mutant("MATES oracle sign flipped", "quadlib/selection/methods/mates.py",
            "oracle = np.array([probe.one_step_delta(", "oracle = -np.array([probe.one_step_delta(",
-           (SELECTORS,), "issue 14"),
+           MATES, "issue 14"),
     Mutant("Group-MATES relational term dropped", "quadlib/selection/methods/group_mates.py",
-           "best = own[[queues[a][heads[a]] for a in open_arms]] + interaction",
-           "best = own[[queues[a][heads[a]] for a in open_arms]]", (SELECTORS,), "issue 14"),
+           "scores = individual * mean_relation if picked else individual.astype(np.float64)",
+           "scores = individual.astype(np.float64)", MATES, "issue 14"),
     # ---- issue 16: the competitors' defining behaviour ----
     Mutant("top-k influence order reversed", "quadlib/selection/methods/influence_ranking.py",
            "order = rows[descending(scores[rows], ids[rows])]", "order = rows[descending(-scores[rows], ids[rows])]",
@@ -105,9 +107,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("paired statistic ignores item weights", "quadlib/evaluation/stats.py",
            "weights = np.asarray(weights, dtype=np.float64)  # [I]", "weights = np.ones(len(weights))  # [I]",
            ("tests/test_stats.py",), "stats"),
-    Mutant("bits per byte treated as higher-is-better", "quadlib/evaluation/stats.py",
-           'LOWER_IS_BETTER_MARKERS = ("loss", "ppl", "bpb")', 'LOWER_IS_BETTER_MARKERS = ("loss", "ppl")',
+    Mutant("paired test ignores the seeds' spread", "quadlib/evaluation/stats.py",
+           "v_seed = float(per_seed.var(ddof=1)) / n_seeds if n_seeds > 1 else 0.0", "v_seed = 0.0",
            ("tests/test_stats.py",), "stats"),
+    Mutant("bits per byte treated as higher-is-better", "quadlib/evaluation/stats.py",
+           'LOWER_IS_BETTER_MARKERS = ("loss", "ppl", "bpb", "heldout")',
+           'LOWER_IS_BETTER_MARKERS = ("loss", "ppl", "heldout")', ("tests/test_stats.py",), "stats"),
+    Mutant("held-out means treated as higher-is-better", "quadlib/evaluation/stats.py",
+           'LOWER_IS_BETTER_MARKERS = ("loss", "ppl", "bpb", "heldout")',
+           'LOWER_IS_BETTER_MARKERS = ("loss", "ppl", "bpb")', ("tests/test_stats.py",), "stats"),
 )
 
 
