@@ -26,7 +26,8 @@ from quadlib.influence.estimators import PRESETS, make_estimator
 from quadlib.influence.scorer import InfluenceScorer
 from quadlib.proxy import TrainSettings, build_model, latest_checkpoint, load_tokenizer, warmup_proxy
 from quadlib.runstore import RunStore, to_jsonable
-from quadlib.selection import CachingScorer, SelectionContext, export_selection, make_selector, read_selection
+from quadlib.selection import (CachingScorer, SelectionContext, export_selection, make_selector, read_selection,
+                               selection_store)
 from quadlib.selection.bandit import clustering_digest, scorer_identity
 from quadlib.selection.probes import HFProbeModel
 from quadlib.settings import setting
@@ -198,6 +199,47 @@ def run_selections(store: RunStore, ctx: SelectionContext, plan: SelectionPlan) 
         rows.append({"method": method, **{k: manifest.get(k) for k in ("n_docs", "tokens_selected", "wall_time_s")},
                      **{f"cost_{k}": v for k, v in manifest.get("cost", {}).items()}})
     return pd.DataFrame(rows)
+
+
+def select_for_seeds(store: RunStore, scorer: CachingScorer | None, model: PreTrainedModel | None,
+                     tokenizer: PreTrainedTokenizerBase | None, methods: list[str], seeds: list[int]) -> pd.DataFrame:
+    """Re-make every method's selection with each seed (issue 14.2), so seeds vary the selection too.
+
+    The plan is the one `run_selections` recorded for the run's own selection (`selections/<method>`:
+    the method's resolved settings and budget); only the seed changes, and with it every seeded part
+    of a method: the bandit's sampling, Random's draw, DSIR's resampling, MATES' and top-k's samples.
+    A seed whose selection the run already holds is skipped; others go to
+    `<run>/selection-seeds/seed-<s>/` (`quadlib.selection.selection_store`), resumable like any run.
+    The clustering, scorer and reference must be those of the recorded selection (else an error).
+    Returns one row per (seed, method) re-made or found.
+    """
+    rows = []
+    for seed in seeds:
+        ctx = None
+        # a method sized by another's cost (top-k influence's equal_cost_with) runs after that one
+        ordered = sorted(methods, key=lambda m: "equal_cost_with" in json.dumps(
+            (store.read_config(f"selections/{m}") or {}).get("params", {}).get("settings", {})))
+        for method in ordered:
+            target = selection_store(store, method, seed)
+            if target.root == store.root:
+                continue
+            recorded = store.read_config(f"selections/{method}")
+            if recorded is None:
+                raise FileNotFoundError(f"{store.root / 'selections' / method}: no recorded selection plan for "
+                                        f"{method!r}; run 03_bandit (run_selections) first")
+            params = recorded["params"]
+            if ctx is None:
+                ctx = selection_context(store, scorer, model, tokenizer, seed=seed)
+                ctx.run_dir = target.root
+            key = selection_key(ctx)
+            changed = [k for k in key if k in params and params[k] != key[k]]
+            if changed:
+                raise ValueError(f"seed {seed} of {method!r} would differ from the run's selection in {changed}: "
+                                 "pass the scorer (estimator), clustering and reference it was made with")
+            plan = SelectionPlan(methods=[method], budget_tokens=params["budget_tokens"],
+                                 method_settings={method: params["settings"]})
+            rows.append(run_selections(target, ctx, plan).assign(seed=seed))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
 def sample_per_cluster(assignments: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:

@@ -39,7 +39,7 @@ from quadlib.evaluation.lm_metrics import (LMMetricSettings, heldout_items, lamb
 from quadlib.evaluation.tasks import TaskSettings, evaluate_tasks, task_items, task_metrics
 from quadlib.proxy import MODEL_CONFIGS, TrainSettings, build_model, save_model, train_lm
 from quadlib.runstore import RunStore, write_json_atomic
-from quadlib.selection.export import read_selection
+from quadlib.selection.export import read_selection, selection_store
 from quadlib.settings import setting
 
 EVAL_STEP = "eval"
@@ -146,15 +146,22 @@ def evaluate_model_items(store: RunStore, model: PreTrainedModel, tokenizer: Pre
     return metrics, concat_items(items)
 
 
+def variance_sources(selection_varies: bool, from_scratch: bool) -> list[str]:
+    """What differs between the seeds of one method: the spread over seeds covers these and nothing else."""
+    return (["selection"] if selection_varies else []) + ["training order"] + (["initialisation"] if from_scratch else [])
+
+
 def train_and_evaluate(store: RunStore, method: str, selection_texts: Sequence[str], base_model: str | Path,
                        tokenizer: PreTrainedTokenizerBase, train_settings: TrainSettings, seeds: Sequence[int],
-                       eval_settings: EvalSettings, *, from_scratch: bool = False,
-                       progress: bool = False) -> list[dict[str, Any]]:
+                       eval_settings: EvalSettings, *, from_scratch: bool = False, progress: bool = False,
+                       selection_seed: int | None = None, selection_varies: bool = False) -> list[dict[str, Any]]:
     """Train on `selection_texts` once per seed, evaluate, write metrics.json; return them in seed order.
 
     `base_model` is the warm-up model folder (`<run>/proxy/model`) or a registry name. The token
     budget must be fixed (`token_budget` or `total_steps`), so every method trains on as many tokens
     whatever the size of its selection. Seeds set both the data order and, from scratch, the init.
+    metrics.json records the seed the selection was made with (`selection_seed`) and the
+    `variance_sources` the spread over seeds covers (`selection_varies`: each seed has its own selection).
     """
     if train_settings.token_budget is None and train_settings.total_steps is None:
         raise ValueError("set TrainSettings.token_budget (or total_steps): methods must train on the same "
@@ -187,16 +194,43 @@ def train_and_evaluate(store: RunStore, method: str, selection_texts: Sequence[s
             })
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # model/ holds the final weights
             store.mark_done(step, info={"metrics": METRICS_FILE})
-        records.append(json.loads((folder / METRICS_FILE).read_text(encoding="utf-8")))
+        record = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+        provenance = {"selection_seed": selection_seed,
+                      "variance_sources": variance_sources(selection_varies, from_scratch)}
+        if any(record.get(k) != v for k, v in provenance.items()):  # a finished run from before these keys
+            record |= provenance
+            write_json_atomic(folder / METRICS_FILE, record)
+        records.append(record)
     return records
 
 
 def evaluate_selections(store: RunStore, methods: Sequence[str], base_model: str | Path,
                         tokenizer: PreTrainedTokenizerBase, train_settings: TrainSettings, seeds: Sequence[int],
-                        eval_settings: EvalSettings, *, from_scratch: bool = False,
-                        progress: bool = False) -> list[dict[str, Any]]:
-    """`train_and_evaluate` for every method's exported selection, with one set of settings and seeds."""
-    return [record for method in methods
-            for record in train_and_evaluate(store, method, read_selection_texts(store, method), base_model, tokenizer,
-                                             train_settings, seeds, eval_settings, from_scratch=from_scratch,
-                                             progress=progress)]
+                        eval_settings: EvalSettings, *, from_scratch: bool = False, progress: bool = False,
+                        vary_selection: bool = True) -> list[dict[str, Any]]:
+    """`train_and_evaluate` for every method, with one set of settings and seeds.
+
+    With `vary_selection` (the default, issue 14.2) seed s trains on the method's selection made with
+    seed s (`quadlib.selection.selection_store`; `quadlib.pipeline.select_for_seeds` makes them), so
+    the spread over seeds covers the selection's own randomness as well as training. Without it
+    every seed trains on the run's one selection and the spread covers training only.
+    """
+    records = []
+    for method in methods:
+        if not vary_selection:
+            _, manifest = read_selection(store, method)
+            records += train_and_evaluate(store, method, read_selection_texts(store, method), base_model, tokenizer,
+                                          train_settings, seeds, eval_settings, from_scratch=from_scratch,
+                                          progress=progress, selection_seed=manifest.get("seed"))
+            continue
+        for seed in seeds:
+            source = selection_store(store, method, seed)
+            if not source.is_done(f"select-{method}"):
+                raise FileNotFoundError(
+                    f"{source.root / f'select-{method}'}: no selection of {method!r} made with seed {seed}; run "
+                    "quadlib.pipeline.select_for_seeds(store, scorer, model, tokenizer, methods, seeds) first "
+                    "(notebook 05 does), or pass vary_selection=False to train every seed on one selection")
+            records += train_and_evaluate(store, method, read_selection_texts(source, method), base_model, tokenizer,
+                                          train_settings, [seed], eval_settings, from_scratch=from_scratch,
+                                          progress=progress, selection_seed=seed, selection_varies=True)
+    return records

@@ -20,6 +20,7 @@ from quadlib.runstore import RunStore, atomic_path, to_jsonable, write_json_atom
 from quadlib.selection.context import Selection, SelectionContext
 
 EXPORT_COLUMNS = ("id", "text", "source", "cluster", "score", "round", "n_tokens")
+SEED_SELECTIONS = "selection-seeds"  # <run>/selection-seeds/seed-<s>/select-<method>/: the same plan, another seed
 
 
 def selection_table(selection: Selection, ctx: SelectionContext) -> pd.DataFrame:
@@ -86,3 +87,16 @@ def read_selection(store: RunStore, method: str) -> tuple[pd.DataFrame, dict[str
     if not store.is_done(f"select-{method}"):
         raise FileNotFoundError(f"{folder}: no finished export; run export_selection for method {method!r}")
     return pd.read_parquet(folder / "selection.parquet"), json.loads((folder / "manifest.json").read_text("utf-8"))
+
+
+def selection_store(store: RunStore, method: str, seed: int) -> RunStore:
+    """The run folder holding `method`'s selection made with `seed`.
+
+    The run itself when its `select-<method>/` was made with that seed (notebook 03's SEED), else
+    `<run>/selection-seeds/seed-<s>/`, where `quadlib.pipeline.select_for_seeds` re-makes the
+    same plan with another seed (its own `select-<method>/`, bandit rounds included).
+    """
+    manifest = store.root / f"select-{method}" / "manifest.json"
+    if store.is_done(f"select-{method}") and json.loads(manifest.read_text("utf-8")).get("seed") == seed:
+        return store
+    return RunStore(store.root / SEED_SELECTIONS / f"seed-{seed}")
