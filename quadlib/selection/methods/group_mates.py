@@ -38,6 +38,7 @@ from quadlib.selection.methods.mates import (
     domain_mean_prediction,
     holdout_split,
     influence_model_settings,
+    probe_reads,
     spearman,
     standardise,
 )
@@ -105,8 +106,8 @@ class RelationalInfluenceModel(DataInfluenceModel):
                 for start in range(0, len(order), s.batch_size):
                     step_losses = []
                     for r in order[start:start + s.batch_size]:
-                        batch = self._encode_batch(rollouts[r])
-                        individual, reps = self(batch)  # [L], [L, H]
+                        batch = self.encode(rollouts[r])
+                        individual, reps = self.score_and_represent(batch)  # [L], [L, H]
                         predicted = rollout_prediction(individual, reps, self.alpha, self.tau)  # [L]
                         target = torch.as_tensor(targets[r], dtype=predicted.dtype, device=self.device)
                         step_losses.append(torch.nn.functional.mse_loss(predicted, target))
@@ -125,8 +126,8 @@ class RelationalInfluenceModel(DataInfluenceModel):
         out = []
         self.eval()
         for texts in rollouts:
-            batch = self._encode_batch(texts)
-            individual, reps = self(batch)
+            batch = self.encode(texts)
+            individual, reps = self.score_and_represent(batch)
             self._account(batch, backward=False)
             out.append(rollout_prediction(individual, reps, self.alpha, self.tau).float().cpu().numpy())
         return out
@@ -228,6 +229,7 @@ class GroupMATESSelector(Selector):
         all_scores = np.full(len(ctx.pool), np.nan)
         all_scores[order] = scores
         extra = {"first_model": first_report, "final_model": final_report, "alpha": alpha, "tau": tau,
+                 "reads": probe_reads(ctx, probe, s.influence_model),
                  "n_clusters": int(labels.max() + 1), "heldout_spearman": final_report.get("spearman"),
                  "heldout_domain_mean_spearman": final_report.get("domain_mean_spearman")}
         return self.ranked(ctx, order, all_scores, budget_tokens, cost, **extra)

@@ -33,7 +33,8 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from quadlib.selection.context import Selection, SelectionContext, fill_budget, gumbel_order
-from quadlib.selection.methods.base import Selector, rows_by_id
+from quadlib.selection.encoder_head import EncoderHead
+from quadlib.selection.methods.base import Selector, reads, rows_by_id
 from quadlib.selection.probes import ProbeModel
 from quadlib.selection.scoring import Cost
 from quadlib.settings import from_dict, setting
@@ -59,45 +60,24 @@ class InfluenceModelSettings:
     device: str | None = setting(None, "'cpu', 'cuda'; None picks cuda when present")
 
 
-class DataInfluenceModel(torch.nn.Module):
-    """Encoder -> mean pooling -> dropout -> linear head: a document's predicted influence (MATES Sec. 3.2).
+class DataInfluenceModel(EncoderHead):
+    """Encoder -> mean pooling -> dropout -> linear head: a document's predicted influence (MATES Sec. 3.2),
+    an `EncoderHead` with one output and BERT's classifier dropout.
 
     Targets are standardised (z-scores of the oracles), so predictions are in standard deviations;
-    `forward` also returns the L2-normalised pooled representation Group-MATES relates documents by.
+    `score_and_represent` also returns the L2-normalised pooled representation Group-MATES relates
+    documents by.
     """
 
     def __init__(self, settings: InfluenceModelSettings, seed: int = 0) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        from quadlib.device import default_device
-        from quadlib.embed import resolve_model
-
-        super().__init__()
+        super().__init__(settings.encoder, 1, settings.max_seq_length, seed, dropout=None, device=settings.device)
         self.settings = settings
-        path = resolve_model(settings.encoder)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            self.encoder = AutoModel.from_pretrained(path)
-            hidden = self.encoder.config.hidden_size
-            self.dropout = torch.nn.Dropout(getattr(self.encoder.config, "hidden_dropout_prob", 0.1))
-            self.head = torch.nn.Linear(hidden, 1)
-        self.device = default_device(settings.device)
-        self.to(self.device)
-        self.n_params = sum(p.numel() for p in self.parameters())
         self.cost = Cost()
         self.seed = seed
 
-    def _encode_batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.settings.max_seq_length,
-                             return_tensors="pt")
-        return {k: v.to(self.device) for k, v in enc.items()}
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_and_represent(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted influence `[B]`, unit-norm pooled representation `[B, H]`)."""
-        hidden = self.encoder(**batch).last_hidden_state  # [B, T, H]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # [B, H]
+        pooled = self.pool(batch)  # [B, H]
         scores = self.head(self.dropout(pooled)).squeeze(-1)  # [B]
         return scores, torch.nn.functional.normalize(pooled, dim=-1)
 
@@ -115,8 +95,8 @@ class DataInfluenceModel(torch.nn.Module):
         self.eval()
         scores, reps = [], []
         for start in tqdm(range(0, len(texts), batch_size), desc="influence model: predict", disable=not progress):
-            batch = self._encode_batch(texts[start:start + batch_size])
-            s, r = self(batch)
+            batch = self.encode(texts[start:start + batch_size])
+            s, r = self.score_and_represent(batch)
             self._account(batch, backward=False)
             scores.append(s.float().cpu().numpy())
             reps.append(r.float().cpu().numpy())
@@ -139,8 +119,8 @@ class DataInfluenceModel(torch.nn.Module):
                 order = rng.permutation(len(texts))
                 for start in range(0, len(order), s.batch_size):
                     rows = order[start:start + s.batch_size]
-                    batch = self._encode_batch([texts[r] for r in rows])
-                    predicted, _ = self(batch)  # [b]
+                    batch = self.encode([texts[r] for r in rows])
+                    predicted, _ = self.score_and_represent(batch)  # [b]
                     loss = torch.nn.functional.mse_loss(predicted, y[rows])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -266,7 +246,8 @@ class MATESSelector(Selector):
         return Selection(method=self.name, ids=ids, scores=np.asarray(scores, dtype=np.float64), cost=cost,
                          params=self.params(), budget_tokens=budget_tokens,
                          tokens_selected=int(n_tokens[rows].sum()), rounds=np.asarray(rounds, dtype=np.int64),
-                         extra={"intervals": intervals, **summarise_heldout(intervals)})
+                         extra={"intervals": intervals, **summarise_heldout(intervals),
+                                "reads": probe_reads(ctx, probe, s.influence_model)})
 
     def _fit_model(self, ctx: SelectionContext, texts: list[str], oracle: np.ndarray, domains: np.ndarray,
                    seed: int) -> tuple[DataInfluenceModel, dict[str, Any]]:
@@ -283,6 +264,13 @@ class MATESSelector(Selector):
                                          domain_mean_prediction(domains[train], oracle[train], domains[test])))
             report["heldout_pred"], report["heldout_oracle"] = predicted.tolist(), oracle[test].tolist()
         return model, report
+
+
+def probe_reads(ctx: SelectionContext, probe: ProbeModel, model: InfluenceModelSettings) -> dict[str, Any]:
+    """What MATES and Group-MATES read: the pool, the proxy probe and its reference documents, the encoder."""
+    reference = getattr(probe, "reference_texts", None)
+    return reads(ctx, "probe", probe_reference_docs=None if reference is None else len(reference),
+                 encoder=model.encoder)
 
 
 def summarise_heldout(intervals: list[dict[str, Any]]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from quadlib.influence.cache import ScoreCache
 from quadlib.selection.context import Selection, SelectionContext, gumbel_order
+from quadlib.selection.encoder_head import EncoderHead
 from quadlib.selection.methods.base import Selector, descending, random_rows, reads
 from quadlib.selection.scoring import Cost
 from quadlib.settings import setting
@@ -218,33 +219,12 @@ def judge_pairs(judge: Judge, texts: Sequence[str], ids: Sequence[str], pairs: n
     return forward, backward
 
 
-class EncoderRater(torch.nn.Module):
-    """The distilled rater: a sentence encoder, mean pooling over tokens, a linear head `[hidden -> C]`."""
+class EncoderRater(EncoderHead):
+    """The distilled rater: a sentence encoder, mean pooling over tokens, a linear head `[hidden -> C]`
+    (`quadlib.selection.encoder_head.EncoderHead`, on the CPU)."""
 
     def __init__(self, encoder_name: str, n_criteria: int, max_length: int, seed: int) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        from quadlib.embed import resolve_model
-
-        super().__init__()
-        path = resolve_model(encoder_name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.encoder = AutoModel.from_pretrained(path, dtype=torch.float32)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.head = torch.nn.Linear(self.encoder.config.hidden_size, n_criteria)
-        self.max_length = max_length
-        self.n_params = sum(p.numel() for p in self.parameters())
-
-    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt")
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.encoder(**batch).last_hidden_state  # [B, T, H]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, H]
-        return self.head(pooled)  # [B, C]
+        super().__init__(encoder_name, n_criteria, max_length, seed, dropout=0.0, device="cpu")
 
     @torch.no_grad()
     def rate(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
