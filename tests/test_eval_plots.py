@@ -112,6 +112,9 @@ def test_cost_gain_and_paired_figures_draw_gains_with_their_intervals() -> None:
     assert quad.error_y.array[0] == pytest.approx(0.2) and quad.error_y.arrayminus[0] == pytest.approx(0.2)
     assert fig.layout.xaxis.title.text == "selection cost: wall_time_s (s)"
     assert fig.layout.yaxis.title.text == "gain over Random in ref_loss (nats per token)"
+    assert fig.layout.xaxis.type == "log"
+    free = cost_gain_figure(PAIRED, costs.assign(wall_time_s=[0.1, 30.0, 0.0, 10.0]))  # DSIR costs nothing here
+    assert free.layout.xaxis.type is None and [t.x[0] for t in free.data if t.name == "dsir"] == [0.0]
     forest = paired_differences_figure(PAIRED, ["ref_loss"])
     assert [t.name for t in forest.data] == ["quad", "dsir", "mates"]
     assert list(forest.data[0].text) == ["*"] and list(forest.data[1].text) == [""]

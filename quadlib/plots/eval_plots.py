@@ -159,7 +159,8 @@ def tradeoff_figure(levels: pd.DataFrame, x: str = "heldout_bpb_mean", y: str = 
 def cost_gain_figure(paired: pd.DataFrame, costs: pd.DataFrame, metric: str = "ref_loss",
                      cost_column: str = "wall_time_s", log_x: bool = True, title: str | None = None) -> go.Figure:
     """Gain over Random on `metric` (paired difference oriented so that up is better, with its
-    interval) against each method's selection cost (`stats.collect_costs` column `cost_column`)."""
+    interval) against each method's selection cost (`stats.collect_costs` column `cost_column`, e.g.
+    the standalone `cost_flops` or the cached `wall_time_s`); a log axis unless a cost is 0."""
     _require(paired, ("method", "metric", "gain", "ci_low", "ci_high"), "cost_gain_figure (paired)")
     _require(costs, ("method", cost_column), "cost_gain_figure (costs)")
     rows = paired[paired["metric"] == metric].set_index("method")
@@ -176,10 +177,12 @@ def cost_gain_figure(paired: pd.DataFrame, costs: pd.DataFrame, metric: str = "r
                                  error_y={"type": "data", "symmetric": False, "array": [high - row["gain"]],
                                           "arrayminus": [row["gain"] - low]}))
     fig.add_hline(y=0.0, line={"color": BASELINE_LINE, "dash": "dash"}, annotation_text=f"{BASELINE}")
+    positive = bool(len(methods)) and bool((cost[methods].astype(float) > 0).all())  # a log axis drops cost 0
     fig.update_layout(title=title or f"Cost against gain over Random on {metric} (95% paired "
                       "intervals; * = Holm-adjusted p < 0.05)",
                       xaxis_title=axis_title(cost_column, "selection cost: "),
-                      yaxis_title=axis_title(metric, "gain over Random in "), xaxis_type="log" if log_x else None)
+                      yaxis_title=axis_title(metric, "gain over Random in "),
+                      xaxis_type="log" if log_x and positive else None)
     return fig
 
 
