@@ -27,14 +27,19 @@ FISHER_SAMPLE_ROWS = 256
 def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One label per position drawn from softmax(logits) [..., V] -> [...] (long, on the logits' device).
 
-    The softmax is formed in float32, FISHER_SAMPLE_ROWS positions at a time, and drawn with the CPU
-    `generator` in position order, so the same seed draws the same labels on any device.
+    The softmax is formed in float32, FISHER_SAMPLE_ROWS positions at a time, and sampled by inverting
+    its cumulative sum at one uniform per position drawn with the CPU `generator` in position order, so
+    the same seed draws the same labels on any device (torch.multinomial took 5 s per 4 x 128 batch
+    at 49k vocabulary on one loaded thread, a third of the forward).
     """
     flat = logits.detach().flatten(0, -2)  # [N, V]
+    uniforms = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64)  # [N, 1]
     drawn = torch.empty(flat.shape[0], dtype=torch.long)
     for start in range(0, flat.shape[0], FISHER_SAMPLE_ROWS):
-        probs = torch.softmax(flat[start:start + FISHER_SAMPLE_ROWS].float(), dim=-1).cpu()  # [n, V]
-        drawn[start:start + FISHER_SAMPLE_ROWS] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        rows = slice(start, start + FISHER_SAMPLE_ROWS)
+        cdf = torch.softmax(flat[rows].float(), dim=-1).cpu().cumsum(-1)  # [n, V], float32
+        target = (uniforms[rows] * cdf[:, -1:].double()).float()  # [n, 1], scaled to the row's float32 total
+        drawn[rows] = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
     return drawn.view(logits.shape[:-1]).to(logits.device)
 
 
