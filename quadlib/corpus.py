@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import zlib
@@ -36,9 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from numpy.lib.stride_tricks import sliding_window_view
 
 from quadlib.runstore import RunStore, atomic_path, file_fingerprints, write_json_atomic
 from quadlib.settings import setting
@@ -378,20 +381,34 @@ NGRAM_SAMPLE = 4  # keep the n-grams whose hash is 0 mod this: a uniform sample,
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+_GRAM_POWERS = np.array([pow(1_000_003, NGRAM - 1 - j, 2**64) for j in range(NGRAM)], dtype=np.uint64)
+
+
 def ngram_sample(text: str, n: int = NGRAM, modulo: int = NGRAM_SAMPLE) -> set[int]:
-    """Hashes of a seeded-free uniform sample of the text's word n-grams (lower-cased alphanumeric words)."""
+    """Hashes of a uniform sample of the text's word n-grams (lower-cased alphanumeric words).
+
+    A gram's hash is a polynomial over its words' CRC-32s (mod 2^64), mixed so its residues are
+    uniform; stable across processes and machines, unlike Python's `hash` of strings.
+    """
     words = _WORD.findall(text.lower())
-    grams = (" ".join(words[i:i + n]) for i in range(max(0, len(words) - n + 1)))
-    hashes = (int.from_bytes(hashlib.blake2b(g.encode("utf-8"), digest_size=8).digest(), "little") for g in grams)
-    return {h for h in hashes if h % modulo == 0}
+    if len(words) < n:
+        return set()
+    codes = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
+    powers = _GRAM_POWERS if n == NGRAM else np.array([pow(1_000_003, n - 1 - j, 2**64) for j in range(n)],
+                                                      dtype=np.uint64)
+    grams = (sliding_window_view(codes, n) * powers).sum(axis=1, dtype=np.uint64)  # [len(words) - n + 1]
+    grams ^= grams >> np.uint64(31)
+    grams *= np.uint64(0x9E3779B97F4A7C15)
+    grams ^= grams >> np.uint64(29)
+    return set(grams[grams % np.uint64(modulo) == 0].tolist())
 
 
 class HeldoutSplitter:
     """The held-out split by origin group, decided as documents stream in (`split_heldout` for a table).
 
     A group's side is `hash_unit(group, split_seed) < heldout_fraction`. A document that shares at
-    least `near_duplicate_containment` of its sampled 13-grams with an earlier group (and whose own
-    group is new) joins that group, so its later pieces follow it too. A near-duplicate whose own
+    least `near_duplicate_containment` of its 13-grams with an earlier group (estimated from a 1/4
+    sample, with two standard errors of slack) and whose own group is new joins that group, so its later pieces follow it too. A near-duplicate whose own
     group already sits on the other side cannot move (its siblings are written): it is counted in
     `stats["crossing_near_duplicates"]`, so a residual leak is reported, never silent.
     """
@@ -415,7 +432,10 @@ class HeldoutSplitter:
         if not hits:
             return None
         group, count = min(hits.items(), key=lambda kv: (-kv[1], kv[0]))
-        return group if count / len(grams) >= self.containment else None
+        # The containment is estimated from a sample of m n-grams: join when it could reach the
+        # threshold (estimate + 2 binomial standard errors), so sampling noise errs towards joining.
+        m, share = len(grams), count / len(grams)
+        return group if share + 2 * math.sqrt(max(share * (1 - share), 1 / m) / m) >= self.containment else None
 
     def assign(self, doc_id: str, group: str, text: str) -> bool:
         """Whether this document is held out (and remember it for later near-duplicates)."""
