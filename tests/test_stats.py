@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 
 from quadlib.evaluation.stats import (
-    bootstrap_statistic, collect_costs, collect_metrics, compare_to_baseline, higher_is_better, holm, metric_intervals, paired_differences, pareto_front,
+    bootstrap_statistic, collect_costs, collect_items, collect_metrics, compare_to_baseline, higher_is_better, holm, metric_intervals, paired_differences, pareto_front,
     results_table, significance_table, summarize,
 )
 from quadlib.evaluation.train_eval import METRICS_FILE, eval_step
@@ -184,3 +184,30 @@ def test_pareto_front_keeps_the_undominated_methods() -> None:
     points = pd.DataFrame({"ref": [1.0, 2.0, 3.0, 2.5, 1.0], "held": [3.0, 2.0, 1.0, 2.5, 3.5]},
                           index=["a", "b", "c", "d", "e"])
     assert pareto_front(points, "ref", "held").to_dict() == {"a": True, "b": True, "c": True, "d": False, "e": False}
+
+
+def test_collect_items_reads_finished_runs_and_pairs_them(tmp_path: Path) -> None:
+    from quadlib.evaluation.items import ITEMS_FILE, item_frame
+
+    for method, shift in (("random", 0.0), ("quad", -0.2)):
+        for seed in (0, 1):
+            folder = tmp_path / eval_step(method, seed)
+            folder.mkdir(parents=True)
+            noise = np.random.default_rng(seed).normal(0.0, 0.05, 30) if method == "quad" else 0.0
+            values = np.linspace(2.0, 3.0, 30) + shift + noise
+            item_frame("reference", [f"r{i}" for i in range(30)], {"loss": values}, {"loss": np.full(30, 5.0)}
+                       ).to_parquet(folder / ITEMS_FILE)
+            write_json_atomic(folder / METRICS_FILE, {"method": method, "seed": seed, "from_scratch": False,
+                                                      "metrics": {}, "train": {"final_loss": 3.0, "seconds": 1.0},
+                                                      "eval_seconds": 0.5})
+    unfinished = tmp_path / eval_step("dsir", 0)  # items without metrics.json: an interrupted run
+    unfinished.mkdir(parents=True)
+    item_frame("reference", ["r0"], {"loss": [1.0]}).to_parquet(unfinished / ITEMS_FILE)
+    items = collect_items(tmp_path)
+    assert sorted(set(items["method"])) == ["quad", "random"] and len(items) == 2 * 2 * 30
+    row = paired_differences(items, "random", ["ref_loss"], n_boot=200).iloc[0]
+    expected = np.mean([np.random.default_rng(s).normal(0.0, 0.05, 30).mean() for s in (0, 1)]) - 0.2
+    assert row["method"] == "quad" and row["diff"] == pytest.approx(expected) and row["n_seeds"] == 2
+    assert row["significant"] and row["gain"] == pytest.approx(-expected)
+    with pytest.raises(ValueError, match="baseline 'dsir'"):
+        paired_differences(items, "dsir")
