@@ -12,6 +12,7 @@ from quadlib.plots.eval_plots import (
     comparison_table_figure, cost_gain_figure, estimator_scatter_figure, paired_differences_figure, sweep_figure,
     task_bars_figure, tradeoff_figure,
 )
+from quadlib.plots.bandit_plots import source_mix_figure
 from quadlib.plots.palette import method_color, method_order
 
 TIDY = pd.DataFrame([
@@ -45,6 +46,7 @@ def test_sweep_figure_groups_and_aggregates_runs() -> None:
     assert [t.name for t in fig.data] == ["dot", "kfac"]
     assert list(fig.data[1].y) == pytest.approx([2.6, 2.5])
     assert fig.data[0].error_y.array[0] == pytest.approx(np.std([3.0, 3.2], ddof=1))
+    assert fig.layout.yaxis.title.text == "ref_loss (nats per token)"
     with pytest.raises(ValueError, match="missing"):
         sweep_figure(runs, "TAU", "ref_loss")
 
@@ -86,6 +88,10 @@ def test_one_palette_gives_each_method_its_colour_and_place_in_every_figure() ->
     assert colours["quad"] == method_color("quad") == bars.data[1].marker.color
     assert len(set(colours.values())) == 4
     assert method_order(["mates", "dsir", "quad", "random"]) == ["random", "quad", "dsir", "mates"]
+    mix = pd.Series({"web": 0.5, "code": 0.5})
+    bars_03 = source_mix_figure({"quad": mix, "pool": mix, "random": mix})  # 03_bandit's mix by source
+    assert [t.name for t in bars_03.data] == ["pool", "random", "quad"]
+    assert [t.marker.color for t in bars_03.data][1:] == [method_color("random"), method_color("quad")]
 
 
 def test_tradeoff_marks_the_pareto_front_with_intervals_and_units() -> None:

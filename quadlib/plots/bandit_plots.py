@@ -14,6 +14,8 @@ import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
 
+from quadlib.plots.palette import method_color, method_order, registered_methods
+
 PALETTE = plotly.colors.qualitative.Dark24
 MAX_TRAJECTORIES = 12  # more CS lines than this are unreadable; the most-pulled clusters are drawn
 
@@ -67,10 +69,14 @@ def influence_distribution_figure(selection_scores: Sequence[float], pool_scores
 
 
 def source_mix_figure(mixes: dict[str, pd.Series]) -> go.Figure:
-    """Grouped bars of source shares, one group per source and one bar per named mix (e.g. pool, quad)."""
+    """Grouped bars of source shares, one group per source and one bar per named mix (e.g. pool, quad).
+    Methods take their colour and order from `quadlib.plots.palette`; other mixes (the pool) come
+    first, in black."""
     sources = sorted(set().union(*(m.index for m in mixes.values())))
-    fig = go.Figure([go.Bar(x=sources, y=[float(mix.get(s, 0.0)) for s in sources], name=name,
-                            marker_color=PALETTE[i % len(PALETTE)]) for i, (name, mix) in enumerate(mixes.items())])
+    known = set(registered_methods())
+    names = [n for n in mixes if n not in known] + method_order(n for n in mixes if n in known)
+    fig = go.Figure([go.Bar(x=sources, y=[float(mixes[name].get(s, 0.0)) for s in sources], name=name,
+                            marker_color=method_color(name) if name in known else "black") for name in names])
     fig.update_layout(barmode="group", title="Mix by source", xaxis_title="source", yaxis_title="share",
                       yaxis_tickformat=".0%")
     return fig

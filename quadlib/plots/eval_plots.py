@@ -91,7 +91,7 @@ def sweep_figure(results: pd.DataFrame, param: str, metric: str, group: str | No
         fig.add_trace(go.Scatter(x=stats.index, y=stats["mean"], mode="lines+markers", name=str(label),
                                  line={"color": PALETTE[i % len(PALETTE)]},
                                  error_y={"type": "data", "array": stats["std"].fillna(0.0)}))
-    fig.update_layout(title=title or f"{metric} against {param}", xaxis_title=param, yaxis_title=metric,
+    fig.update_layout(title=title or f"{metric} against {param}", xaxis_title=param, yaxis_title=axis_title(metric),
                       xaxis_type="log" if log_x else None)
     return fig
 
