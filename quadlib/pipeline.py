@@ -217,8 +217,8 @@ def select_for_seeds(store: RunStore, scorer: CachingScorer | None, model: PreTr
     for seed in seeds:
         ctx = None
         # a method sized by another's cost (top-k influence's equal_cost_with) runs after that one
-        ordered = sorted(methods, key=lambda m: "equal_cost_with" in json.dumps(
-            (store.read_config(f"selections/{m}") or {}).get("params", {}).get("settings", {})))
+        ordered = sorted(methods, key=lambda m: (store.read_config(f"selections/{m}") or {}).get("params", {})
+                         .get("settings", {}).get("equal_cost_with") is not None)
         for method in ordered:
             target = selection_store(store, method, seed)
             if target.root == store.root:
