@@ -20,6 +20,12 @@ A per-phase profile of one batch (torch.profiler record_function sections in qua
 forward, backward, hooks, contraction, collate) shows where the time goes.
 
     .venv/bin/python benchmarks/bench_influence.py --configs 256:128:64:16 256:512:16:8 1024:128:16:8 1024:512:4:4
+
+A real pretrained model instead of the random-init ones (its hidden width is its own; the config's
+first field is ignored), e.g. SmolLM2-135M converted once into --workdir:
+
+    .venv/bin/python benchmarks/bench_influence.py --model smollm2-135m --configs 576:128:8:4 \
+        --estimators kfac_joint_qkv --no-kronfluence --repeats 1 --threads 1
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from quadlib.proxy.loss import document_losses
 from quadlib.influence.peers import kronfluence_scores, trak_scores
 from quadlib.influence.scorer import collate
 from quadlib.influence.toy import random_batch, tiny_llama
+from quadlib.proxy.configs import PACKAGED_MODELS, build_model, convert_packaged
 
 PHASES = ("influence.collate", "influence.forward", "influence.backward", "influence.hooks",
           "influence.contraction")
@@ -159,15 +166,28 @@ def phase_profile(fn: Callable[[], object]) -> dict[str, float]:
     return out
 
 
+def pretrained(name: str, workdir: Path) -> torch.nn.Module:
+    """A pretrained model in float32 (a packaged one converted once into `workdir`)."""
+    folder = str(convert_packaged(name, workdir / name)) if name in PACKAGED_MODELS else name
+    return build_model(folder, device="cpu").eval()
+
+
 def run_config(config: Config, args: argparse.Namespace) -> tuple[list[Row], dict[str, dict[str, float]]]:
-    model = tiny_llama(hidden=config.hidden, layers=args.layers, vocab=args.vocab, heads=max(2, config.hidden // 64),
-                       kv_heads=max(2, config.hidden // 64), intermediate=int(2.75 * config.hidden), dtype=torch.float32)
+    if args.model:
+        model = pretrained(args.model, args.workdir)
+        args.vocab, args.layers = model.config.vocab_size, model.config.num_hidden_layers
+        config = replace(config, hidden=model.config.hidden_size)
+    else:
+        model = tiny_llama(hidden=config.hidden, layers=args.layers, vocab=args.vocab, heads=max(2, config.hidden // 64),
+                           kv_heads=max(2, config.hidden // 64), intermediate=int(2.75 * config.hidden),
+                           dtype=torch.float32)
     b, n_batches = config.batch, max(1, config.docs // config.batch)
     documents = [random_batch(b, config.tokens, args.vocab, seed=100 + i) for i in range(n_batches)]
     fit = [random_batch(b, config.tokens, args.vocab, seed=200 + i) for i in range(max(1, args.fit_docs // b))]
     reference = [random_batch(b, config.tokens, args.vocab, seed=300 + i) for i in range(max(1, args.reference_docs // b))]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"\n## Llama-style {args.layers} x {config.hidden} (intermediate {int(2.75 * config.hidden)}), vocab "
+    title = args.model or f"Llama-style {args.layers} x {config.hidden} (intermediate {int(2.75 * config.hidden)})"
+    print(f"\n## {title}, {args.layers} layers, width {config.hidden}, vocab "
           f"{args.vocab}, {n_params / 1e6:.1f}M params, float32, {torch.get_num_threads()} threads; "
           f"{n_batches * b} docs x {config.tokens} tokens, batch {b}", flush=True)
     baseline = lambda: forward_backward(model, documents)  # noqa: E731
@@ -283,6 +303,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads; 1 avoids OpenMP barrier stalls when other users load the cores")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--model", default=None, help="a pretrained model (smollm2-135m, a folder, a hub name) "
+                                                      "instead of random-init Llama models")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench-influence"),
+                        help="where a packaged model is converted (once)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

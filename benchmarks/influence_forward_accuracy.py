@@ -9,6 +9,14 @@ mode is compared with the reverse-mode score: Pearson, Spearman, max relative er
 A mode qualifies as a default when Spearman >= 0.999 and top-5% overlap >= 0.95 (the bar).
 
     .venv/bin/python benchmarks/influence_forward_accuracy.py --docs 128
+
+A pretrained model (issue 17) is scored as it is, with its own tokenizer and no warm-up:
+
+    .venv/bin/python benchmarks/influence_forward_accuracy.py --model smollm2-135m --docs 32 \
+        --max-length 128 --fit-per-source 4 --reference-docs 16
+
+The row "central_difference auto" is the default: the step chosen per model on the first reference
+batch (InfluenceSettings.fd_step None). Peak resident memory is printed after the fit and at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import argparse
 import gzip
 import json
 import random
+import resource
 import tempfile
 import time
 from dataclasses import replace
@@ -28,8 +37,8 @@ from scipy.stats import pearsonr, spearmanr
 
 from quadlib.influence.estimators import InfluenceSettings, make_estimator
 from quadlib.influence.scorer import InfluenceScorer
-from quadlib.proxy.configs import build_model
-from quadlib.proxy.tokenizer import train_bpe_tokenizer
+from quadlib.proxy.configs import PACKAGED_MODELS, build_model, convert_packaged, is_pretrained
+from quadlib.proxy.tokenizer import load_tokenizer, train_bpe_tokenizer
 from quadlib.proxy.train import TrainSettings, train_lm
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -56,6 +65,10 @@ def pool_sample(data: Path, per_source: int, seed: int) -> list[str]:
     return texts
 
 
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
 def agreement(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     k = max(1, int(round(0.05 * len(reference))))
     top = set(np.argsort(-reference)[:k])
@@ -72,6 +85,11 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=80)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--estimator", default="kfac_joint_qkv")
+    parser.add_argument("--model", default="tiny-llama",
+                        help="a named config (warmed up here) or a pretrained model: smollm2-135m, a folder, a hub name")
+    parser.add_argument("--fit-per-source", type=int, default=8, help="pool documents per source to fit K-FAC on")
+    parser.add_argument("--reference-docs", type=int, default=32, help="LAMBADA passages forming the reference")
+    parser.add_argument("--skip-jvp", action="store_true", help="leave out the jvp row (slow on large models)")
     parser.add_argument("--fd-steps", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None,
@@ -84,34 +102,55 @@ def main() -> None:
     sources = len(list((args.data / "pool").glob("*.jsonl.gz")))
     train = pool_sample(args.data, args.train_docs // sources, args.seed)
     scored = pool_sample(args.data, -(-args.docs // sources), args.seed + 1)[:args.docs]
-    fit = pool_sample(args.data, 8, args.seed + 2)
-    reference = read_texts(args.data / "reference" / "lambada_test.jsonl.gz", 32)
+    fit = pool_sample(args.data, args.fit_per_source, args.seed + 2)
+    reference = read_texts(args.data / "reference" / "lambada_test.jsonl.gz", args.reference_docs)
     with tempfile.TemporaryDirectory() as scratch:
         workdir = args.workdir or Path(scratch)
-        tokenizer = train_bpe_tokenizer(train, 4096, workdir / "tokenizer")
-        model = build_model("tiny-llama", tokenizer=tokenizer, device="cpu", seed=args.seed)
         start = time.perf_counter()
-        result = train_lm(model, tokenizer, train, TrainSettings(total_steps=args.warmup_steps, batch_size=8,
-                                                                 block_size=128, device="cpu"),
-                          workdir / "ckpt", resume=True, progress=False)
-    print(f"tiny-llama float32, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, warm-up "
-          f"{args.warmup_steps} steps ({result.resumed_from} resumed) in {time.perf_counter() - start:.0f} s "
-          f"(last loss {result.losses[-1] if result.losses else float('nan'):.3f}); "
-          f"{len(scored)} pool docs from {sources} sources, max {args.max_length} tokens; estimator {args.estimator}")
+        if is_pretrained(args.model):  # its own tokenizer, no warm-up
+            folder = args.model
+            if args.model in PACKAGED_MODELS:
+                folder = str(convert_packaged(args.model, workdir / args.model))
+            tokenizer = load_tokenizer(folder)
+            model = build_model(folder, tokenizer=tokenizer, device="cpu")
+            trained = "pretrained, no warm-up"
+        else:
+            tokenizer = train_bpe_tokenizer(train, 4096, workdir / "tokenizer")
+            model = build_model(args.model, tokenizer=tokenizer, device="cpu", seed=args.seed)
+            result = train_lm(model, tokenizer, train, TrainSettings(total_steps=args.warmup_steps, batch_size=8,
+                                                                     block_size=128, device="cpu"),
+                              workdir / "ckpt", resume=True, progress=False)
+            trained = (f"warm-up {args.warmup_steps} steps ({result.resumed_from} resumed), last loss "
+                       f"{result.losses[-1] if result.losses else float('nan'):.3f}")
+    print(f"{args.model} float32, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {trained}, "
+          f"ready in {time.perf_counter() - start:.0f} s; {len(scored)} pool docs from {sources} sources, "
+          f"max {args.max_length} tokens; estimator {args.estimator}; {torch.get_num_threads()} thread(s)")
 
     scorer = InfluenceScorer(model, tokenizer, make_estimator(args.estimator, InfluenceSettings(mode="reverse")),
                              max_length=args.max_length, batch_size=8, device="cpu")
+    start = time.perf_counter()
     scorer.fit_texts(fit)
+    print(f"fit on {len(fit)} docs in {time.perf_counter() - start:.0f} s; peak RSS {peak_rss_gb():.2f} GB")
+    start = time.perf_counter()
     scorer.set_reference_texts(reference)
-    variants = [("reverse", None), ("jvp", None)] + [("central_difference", c) for c in args.fd_steps]
+    print(f"reference ({len(reference)} LAMBADA passages) in {time.perf_counter() - start:.0f} s")
+    variants = ([("reverse", None)] + ([] if args.skip_jvp else [("jvp", None)]) + [("central_difference", None)]
+                + [("central_difference", c) for c in args.fd_steps])
+    scorer.estimator.settings = replace(scorer.estimator.settings, mode="central_difference", fd_step=None)
+    start = time.perf_counter()
+    scorer.estimator.parameter_direction(model)  # chooses the step on the first reference batch
+    print(f"step chosen in {time.perf_counter() - start:.0f} s (1 reverse + {2 * len(scorer.estimator.fd_errors)} "
+          "forwards of one batch, not in the auto row's time)")
     scores, seconds = {}, {}
     for mode, step in variants:
-        label = mode if step is None else f"{mode} c={step:g}"
-        settings = replace(scorer.estimator.settings, mode=mode, fd_step=step or scorer.estimator.settings.fd_step)
-        scorer.estimator.settings = settings
+        label = mode if mode != "central_difference" else f"{mode} c={step:g}" if step else f"{mode} auto"
+        scorer.estimator.settings = replace(scorer.estimator.settings, mode=mode, fd_step=step)
         start = time.perf_counter()
         scores[label] = scorer.score_texts(scored)
         seconds[label] = time.perf_counter() - start
+    print(f"chosen step c={scorer.estimator.chosen_fd_step:g}; calibration errors "
+          + ", ".join(f"{c:g}: {e:.1e}" for c, e in scorer.estimator.fd_errors.items())
+          + f"; peak RSS {peak_rss_gb():.2f} GB")
     truth = scores["reverse"]
     print(f"\n| mode | docs/s | x reverse speed | Pearson | Spearman | max rel. error | top-5% overlap | meets bar |")
     print("|---|---|---|---|---|---|---|---|")
