@@ -29,7 +29,7 @@ from quadlib.selection import read_selection, selection_store
 from quadlib.synthetic import SyntheticSettings, generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-METHODS = ["random", "dsir", "ppl"]  # two seeded selections and a deterministic one
+METHODS = ["random", "dsir", "quad", "ppl"]  # three seeded selections (the bandit among them) and a deterministic one
 SEEDS = [0, 1, 2]
 
 
@@ -56,7 +56,8 @@ def selected(tmp_path_factory: pytest.TempPathFactory):
     scorer = TableScorer({i: float(len(t)) for i, t in zip(frame["id"], frame["text"], strict=True)})
     ctx = pipeline.selection_context(store, scorer, model, tokenizer, seed=0)
     budget = int(0.2 * frame["n_tokens"].sum())
-    pipeline.run_selections(store, ctx, pipeline.SelectionPlan(methods=METHODS, budget_tokens=budget))
+    pipeline.run_selections(store, ctx, pipeline.SelectionPlan(methods=METHODS, budget_tokens=budget, method_settings={
+        "quad": {"k": 2, "batch_size": 4}}))
     made = pipeline.select_for_seeds(store, scorer, model, tokenizer, METHODS, SEEDS)
     yield store, made, budget, (scorer, model, tokenizer)
     patch.undo()
@@ -75,6 +76,9 @@ def test_each_seed_remakes_the_plan_with_its_own_seed(selected) -> None:
             assert manifest["seed"] == seed and manifest["budget_tokens"] == budget
     assert selection_store(store, "random", 0).root == store.root  # the run's own selection serves seed 0
     assert len({tuple(ids_of(store, "random", s)) for s in SEEDS}) == 3  # a seeded method differs by seed
+    assert len({tuple(ids_of(store, "quad", s)) for s in SEEDS}) == 3  # the bandit's sampling too
+    quad_rounds = selection_store(store, "quad", 1).root / "select-quad" / "rounds"
+    assert quad_rounds.exists() and not (store.root / "selection-seeds" / "seed-0").exists()
     assert len({tuple(ids_of(store, "ppl", s)) for s in SEEDS}) == 1  # a deterministic one does not
 
 
