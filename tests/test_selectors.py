@@ -154,3 +154,18 @@ def test_quad_covers_relevant_clusters_better_than_random_and_more_clusters_than
     covered = {n: cluster[ids].nunique() for n, ids in picks.items()}
     assert relevant["quad"] > relevant["random"] + 0.4
     assert covered["quad"] > covered["topk_influence"]
+
+
+def test_topk_clusters_takes_the_highest_mean_clusters_first():
+    """Quad's Fig. 4a baseline ranks clusters by their sampled mean influence, best first (issue 14's
+    mutant: lowest first)."""
+    pool, assignments, truth = clustered_pool([0.001, 0.03, -0.01, 0.015], docs_per_cluster=30)
+    ctx = SelectionContext(pool=pool.assign(text=pool["id"]), assignments=assignments, scorer=TableScorer(truth),
+                           seed=0)
+    cluster = assignments.set_index("id")["cluster"]
+    tokens = pool.set_index("id")["n_tokens"]
+    budget = int(tokens[cluster == 1].sum() * 1.5)  # the best cluster and about half of the second
+    ids = SELECTORS["topk_clusters"]().select(ctx, budget).ids
+    per_cluster = tokens[ids].groupby(cluster[ids]).sum().reindex(range(4), fill_value=0)
+    assert per_cluster[1] == tokens[cluster == 1].sum()  # all of the best cluster
+    assert per_cluster[3] > per_cluster[0] + per_cluster[2]  # then the second best
