@@ -70,8 +70,8 @@ GRIDS: dict[str, Grid] = {
                   f"deviations of the scores seen (UNITS='score_scale'); default {BanditSettings.alpha}, paper 0.002 "
                   "in its proxy's absolute units"),
     "tau": Grid({"TAU": TAU_GRID}, "tau figure",
-                "influence threshold tau a sampled document must exceed to be kept, in standard deviations above the "
-                f"running mean (UNITS='score_scale'); default {BanditSettings.tau}, paper 0.0025 absolute"),
+                "influence threshold tau a sampled document must exceed to be kept, in standard deviations of the "
+                f"scores seen (UNITS='score_scale'); default {BanditSettings.tau}, paper 0.0025 absolute"),
     "n_clusters": Grid({"N_CLUSTERS": [8, 16, 32, 64]}, "Fig. 5d", "number of clusters (arms of the bandit)"),
     "cluster_algorithm": Grid({"CLUSTER_ALGORITHM": ["faiss_kmeans", "minibatch_kmeans", "agglomerative"]}, "Fig. 5c",
                               "clustering algorithm (keys of quadlib.cluster.ALGORITHMS)"),

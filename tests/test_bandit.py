@@ -19,7 +19,10 @@ from quadlib.selection.metrics import quality_diversity
 from quadlib.selection.scoring import CachingScorer
 
 MEANS = [0.02, 0.015, 0.01, 0.0, -0.005, -0.01]
-SPREAD = list(np.round(np.linspace(0.02, -0.01, 16), 4))  # 16 clusters for the exploration tests
+# 16 clusters for the exploration tests, their quality in no relation to their label (the first arms
+# the bandit tries are not the best, as on real data)
+SPREAD = list(np.round(np.linspace(0.02, -0.01, 16), 4)[np.random.default_rng(1).permutation(16)])
+BEST5 = set(np.argsort(SPREAD)[-5:].tolist())
 
 
 @pytest.fixture
@@ -47,9 +50,9 @@ def test_cluster_scores_match_the_ucb_formula_by_hand():
     paper = cluster_scores(reward, weight, pulls, alpha=0.5, cold_start="pull_all")
     assert paper[:2] == pytest.approx([1.5 + 0.5 * math.sqrt(2 * log_total / 2), 1.0 + 0.5 * math.sqrt(2 * log_total)])
     assert paper[2] == np.inf  # untried arms first
-    # standardised: each batch mean m is read as (m - center) / scale - offset
-    z = cluster_scores(reward, weight, pulls, alpha=0.0, center=1.0, scale=2.0, offset=0.1)
-    assert z[:2] == pytest.approx([((1.0 - 1.0) / 2 + (2.0 - 1.0) / 2) / 2 - 0.1, (1.0 - 1.0) / 2 - 0.1])
+    # in units of the score scale: each batch mean m is read as m / scale - offset
+    z = cluster_scores(reward, weight, pulls, alpha=0.0, scale=2.0, offset=0.1)
+    assert z[:2] == pytest.approx([(1.0 / 2 + 2.0 / 2) / 2 - 0.1, 1.0 / 2 - 0.1])
 
 
 def test_running_scale_is_the_mean_and_std_of_every_score_seen():
@@ -59,10 +62,10 @@ def test_running_scale_is_the_mean_and_std_of_every_score_seen():
     for batch in batches:
         scale.update(batch)
     everything = np.concatenate(batches)
-    assert scale.center == pytest.approx(everything.mean()) and scale.scale == pytest.approx(everything.std())
+    assert scale.mean == pytest.approx(everything.mean()) and scale.scale == pytest.approx(everything.std())
     absolute = RunningScale(absolute=True)
     absolute.update(everything)
-    assert (absolute.center, absolute.scale) == (0.0, 1.0)
+    assert absolute.scale == 1.0
 
 
 def test_rewards_are_batch_means_and_T_counts_pulls(setup):
@@ -108,9 +111,9 @@ def test_keep_rules():
     assert np.flatnonzero(keep_mask(scores, ids, per_round_quarter, arms)).tolist() == [0, 2]
     per_batch_quarter = settings(gamma=0.25, keep_scope="batch", batch_size=4, **absolute)
     assert np.flatnonzero(keep_mask(scores, ids, per_batch_quarter, arms)).tolist() == [2, 7]
-    # tau in standard deviations: (score - center) / scale > tau
+    # tau in standard deviations from zero influence: score / scale > tau
     scaled = settings(keep_rule="threshold_only", tau=1.0)
-    assert np.flatnonzero(keep_mask(scores, ids, scaled, center=0.002, scale=0.003)).tolist() == [0, 2, 7]
+    assert np.flatnonzero(keep_mask(scores, ids, scaled, scale=0.0045)).tolist() == [0, 2, 6, 7]
     with pytest.raises(ValueError, match="keep_rule"):
         settings(keep_rule="best")
 
@@ -123,11 +126,11 @@ def test_last_batch_smaller_than_one_over_gamma_keeps_its_best_document():
 
 def test_score_scale_units_make_the_selection_independent_of_the_score_scale(spread):
     pool, assignments, truth = spread
-    big = {i: 1000.0 * v + 50.0 for i, v in truth.items()}  # another proxy: other scale and offset
+    big = {i: 1000.0 * v for i, v in truth.items()}  # another proxy: scores on another scale
     base = run_bandit(pool, assignments, TableScorer(truth), settings(budget_tokens=600), progress=False)
     scaled = run_bandit(pool, assignments, TableScorer(big), settings(budget_tokens=600), progress=False)
     assert scaled.ids == base.ids and len(base.ids) > 20
-    absolute = settings(budget_tokens=600, units="absolute", alpha=0.3, tau=0.0)
+    absolute = settings(budget_tokens=600, units="absolute", alpha=0.01, tau=0.0)
     assert (run_bandit(pool, assignments, TableScorer(truth), absolute, progress=False).ids
             != run_bandit(pool, assignments, TableScorer(big), absolute, progress=False).ids)
 
@@ -140,15 +143,16 @@ def _coverage(result, assignments, truth):
 def test_coverage_grows_with_alpha_and_is_not_fixed_by_the_cold_start(spread):
     pool, assignments, truth = spread
     rows = []
-    for alpha in (0.0, 0.3, 1.0, 3.0):
+    for alpha in (0.0, 1.0, 3.0, 10.0):
         result = run_bandit(pool, assignments, TableScorer(truth), settings(alpha=alpha, budget_tokens=600),
                             progress=False)
         pulled, measured = _coverage(result, assignments, truth)
         rows.append((pulled, measured["clusters_covered"], measured["entropy"], measured["mean_influence"]))
     pulled, covered, entropy, quality = (np.array(c) for c in zip(*rows))
-    assert pulled[0] < len(SPREAD) and covered[0] < covered[-1]  # alpha = 0 leaves arms untried
+    assert pulled[0] < len(SPREAD) / 2 and covered[0] < covered[-1]  # alpha = 0 leaves most arms untried
     assert (np.diff(covered) >= 0).all() and (np.diff(entropy) > 0).all()
-    assert (np.diff(quality) < 0).all()  # ... at a cost in mean influence
+    # exploring first finds better arms than the first ones tried, then spreading the pulls costs quality
+    assert quality[1] > quality[0] and (np.diff(quality[1:]) < 0).all()
 
 
 def test_ten_thousand_arms_start_exploiting_within_a_few_rounds():
@@ -301,9 +305,10 @@ def test_replay_from_the_cache_scores_nothing(setup, tmp_path):
 
 def test_bandit_prefers_better_clusters_but_explores(spread):
     pool, assignments, truth = spread
-    result = run_bandit(pool, assignments, TableScorer(truth), settings(budget_tokens=600), progress=False)
+    result = run_bandit(pool, assignments, TableScorer(truth), settings(budget_tokens=600, alpha=1.0),
+                        progress=False)
     chosen = assignments.set_index("id").loc[result.ids, "cluster"]
-    assert chosen.isin(range(5)).mean() > 0.8  # the five best of 16 clusters
+    assert chosen.isin(BEST5).mean() > 0.6  # the five best of 16 clusters: 31% of the pool
     greedy = run_bandit(pool, assignments, TableScorer(truth), settings(budget_tokens=600, alpha=0.0),
                         progress=False)
     assert chosen.nunique() > assignments.set_index("id").loc[greedy.ids, "cluster"].nunique()
@@ -352,15 +357,15 @@ def test_bandit_figures_draw_from_a_replay_and_the_alpha_frontier_marks_the_defa
     mix = source_mix(result.ids, pool)
     assert mix.sum() == pytest.approx(1.0)
     assert len(source_mix_figure({"pool": source_mix(pool["id"], pool), "quad": mix}).data) == 2
-    sweep = replay_sweep(truth, pool, assignments, s, [{"alpha": a} for a in (3.0, 0.0, 0.3, 1.0)])
-    figure = quality_diversity_figure(sweep, frontier="alpha", default=0.3, current={"entropy": 1.0,
+    sweep = replay_sweep(truth, pool, assignments, s, [{"alpha": a} for a in (10.0, 1.0, 3.0)])
+    figure = quality_diversity_figure(sweep, frontier="alpha", default=3.0, current={"entropy": 1.0,
                                                                                      "mean_influence": 0.02})
     frontier, star, cross = figure.data[1], figure.data[2], figure.data[3]
     by_alpha = sweep.sort_values("alpha")
     assert list(frontier.x) == by_alpha["entropy"].tolist()  # joined in increasing alpha
-    assert list(star.x) == sweep.loc[sweep["alpha"] == 0.3, "entropy"].tolist()
+    assert list(star.x) == sweep.loc[sweep["alpha"] == 3.0, "entropy"].tolist()
     assert (list(cross.x), list(cross.y)) == ([1.0], [0.02])
-    # the sweep moves diversity up and quality down monotonically with alpha
+    # from alpha = 1 on, the sweep moves diversity up and quality down monotonically
     assert (np.diff(by_alpha["entropy"]) > 0).all() and (np.diff(by_alpha["mean_influence"]) < 0).all()
 
 

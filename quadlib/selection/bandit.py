@@ -24,17 +24,18 @@ Each round (Quad, Sec. 3.3, Eq. 6 and Algorithm 1; `preset="paper"`):
 5. Kept docs join the selection in descending influence, each only if its n_tokens still fits the
    budget (skipped, never trimmed, when it does not).
 
-Units (`units`). With "score_scale" (default) every score s is read as z = (s - mu) / sigma, mu and
-sigma the running mean and standard deviation of all per-document scores seen so far (every
-document scored by this run, whatever the batch size). mean_i, tau and the reward offset are then
-in z units, and alpha in units of sigma, so one alpha and tau mean the same thing for a 5M proxy
-and a 1.3B one: tau = 0 keeps documents above the running mean, alpha = 1 is UCB1 for rewards of
-one standard deviation. CS uses the scale of the scores seen before the round, the keep rule the
-scale including the round's own batch. With "absolute", mu = 0 and sigma = 1: the paper's units
-(alpha = 0.002, tau = 0.0025 were set for its proxy's scores).
+Units (`units`). With "score_scale" (default) scores are measured in sigma, the running standard
+deviation of all per-document scores seen so far (every document scored by this run, whatever the
+batch size), from zero influence: CS ranks the means m / sigma, alpha is in units of sigma, and tau,
+the prior and the reward offset are multiples of sigma (a document is kept when s / sigma > tau, so
+tau = 0 keeps the documents that help the reference at all, whatever the proxy).
+Multiplying every score by a positive constant leaves the selection unchanged, so one alpha and
+tau mean the same thing for a 5M proxy and a 1.3B one. CS uses the scale of the scores seen before
+the round, the keep rule the scale including the round's own batch. With "absolute", mu = 0 and
+sigma = 1: the paper's units (alpha = 0.002, tau = 0.0025 were set for its proxy's scores).
 
 Cold start: "n_plus_1" (default, the released code's): an untried arm's mean is `prior_mean` (in
-`units`; 0 is "as good as the average document seen" with score_scale) and every bonus divides
+`units`; 0: no influence) and every bonus divides
 by T_i + 1, so untried arms compete through the UCB itself: with alpha = 0 the bandit exploits
 the best arm tried as soon as it beats the prior, and with 10,000 arms it starts exploiting after
 the first round. "pull_all" (the paper's equation read literally) pulls every arm once, in label
@@ -48,7 +49,8 @@ Stop, checked before each round (no document is scored once it is met):
 - "max_rounds": `max_rounds` rounds were played (the released_code preset: 200 when None).
 
 Preset "released_code" (the authors' released selection script, read and re-implemented): the
-reward of a pull is the batch's mean influence minus `reward_offset` (0.002 there); the reward is
+reward of a pull is the batch's mean influence minus `reward_offset` (0.002 there), m / sigma -
+offset in score_scale units; the reward is
 added, weighted by 1 - d / share_radius, to every arm whose centroid lies within cosine distance
 d < `share_radius` (0.2 there) of the pulled arm's (itself included, d = 0), and each such arm's
 T grows by one; an arm whose reward is positive accepts the next `accept_run` of its documents in
@@ -96,7 +98,7 @@ class BanditSettings:
     alpha: float = setting(0.1, "exploration weight of the UCB bonus, in `units` (paper: 0.002 absolute)")
     gamma: float = setting(0.25, "at most this fraction of a batch is kept (paper: 0.05 with batches of hundreds)")
     tau: float = setting(0.0, "influence threshold a doc must exceed to be kept, in `units` (paper: 0.0025 "
-                              "absolute; 0 with score_scale: above the running mean)")
+                              "absolute; 0: any positive influence)")
     k: int = setting(4, "clusters pulled per round (top-k by cluster score)")
     batch_size: int = setting(16, "documents sampled from each pulled cluster per round")
     budget_tokens: int = setting(1_000_000, "token budget of the selection (the selectors set the run's)")
@@ -167,12 +169,12 @@ def keep_cap(gamma: float, n_sampled: int) -> int:
 
 
 class RunningScale:
-    """Running mean and standard deviation of every per-document score seen (Chan et al.'s batched
-    Welford update), the `score_scale` units; mean 0 and scale 1 under `absolute` units."""
+    """Running standard deviation of every per-document score seen (Chan et al.'s batched Welford
+    update), the `score_scale` unit; 1 under `absolute` units."""
 
     def __init__(self, absolute: bool) -> None:
         self.absolute = absolute
-        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0  # count, mean, sum of squared deviations
 
     def update(self, scores: np.ndarray) -> None:
         scores = np.asarray(scores, dtype=np.float64)
@@ -187,10 +189,6 @@ class RunningScale:
         self.n = n
 
     @property
-    def center(self) -> float:
-        return 0.0 if self.absolute else self.mean
-
-    @property
     def scale(self) -> float:
         """sigma of the scores seen (population); 1 when absolute, or while it is 0 or undefined."""
         if self.absolute or self.n < 2:
@@ -200,19 +198,19 @@ class RunningScale:
 
 
 def cluster_scores(reward: np.ndarray, weight: np.ndarray, pulls: np.ndarray, alpha: float, *,
-                   center: float = 0.0, scale: float = 1.0, offset: float = 0.0, prior_mean: float = 0.0,
+                   scale: float = 1.0, offset: float = 0.0, prior_mean: float = 0.0,
                    cold_start: str = "n_plus_1") -> np.ndarray:
     """Quad's CS_i = mean_i + alpha * sqrt(2 ln(sum_j T_j) / (T_i + 1)) for every arm `[n_arms]` (Eq. 6).
 
     reward `[n_arms]` = sum over the arm's pulls of w * (batch mean influence), weight `[n_arms]` the
     sum of those w (w = 1 without neighbour sharing), pulls `[n_arms]` = T_i. In standardised units
-    mean_i = ((R_i - center * W_i) / scale - offset * W_i) / T_i, i.e. each pull's batch mean read as
-    (m - center) / scale - offset, averaged over the T_i pulls; `prior_mean` for an untried arm.
+    mean_i = (R_i / scale - offset * W_i) / T_i, i.e. each pull's batch mean read as m / scale - offset,
+    averaged over the T_i pulls; `prior_mean` for an untried arm.
     cold_start "pull_all": the paper's sqrt(2 ln sum T / T_i), +inf for untried arms.
     """
     tried = pulls > 0
     safe = np.where(tried, pulls, 1.0)
-    mean = np.where(tried, ((reward - center * weight) / scale - offset * weight) / safe, prior_mean)
+    mean = np.where(tried, (reward / scale - offset * weight) / safe, prior_mean)
     log_total = math.log(max(float(pulls.sum()), 1.0))
     if cold_start == "pull_all":
         bonus = alpha * np.sqrt(2.0 * log_total / safe)
@@ -227,17 +225,17 @@ def pick_arms(cs: np.ndarray, active: np.ndarray, k: int) -> np.ndarray:
 
 
 def keep_mask(scores: np.ndarray, ids: list[str], settings: BanditSettings,
-              groups: np.ndarray | None = None, center: float = 0.0, scale: float = 1.0) -> np.ndarray:
+              groups: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray:
     """Which sampled docs are kept (module docstring, step 4); `groups` `[n]` are the docs' arms,
     used when `settings.keep_scope == "batch"` (None: one group). tau is compared with
-    (score - center) / scale, the score in `settings.units`."""
+    score / scale, the score in `settings.units` (measured from zero influence)."""
     if groups is not None and settings.keep_scope == "batch":
         mask = np.zeros(len(scores), dtype=bool)
         for group in np.unique(groups):
             members = np.flatnonzero(groups == group)
-            mask[members] = keep_mask(scores[members], [ids[i] for i in members], settings, None, center, scale)
+            mask[members] = keep_mask(scores[members], [ids[i] for i in members], settings, None, scale)
         return mask
-    above = (scores - center) / scale > settings.tau
+    above = scores / scale > settings.tau
     if settings.keep_rule == "threshold_only":
         return above
     eligible = above if settings.keep_rule == "threshold_then_top_fraction" else np.ones_like(above)
@@ -329,8 +327,8 @@ class _Arms:
     def cluster_scores(self) -> np.ndarray:
         s = self.settings
         offset = s.reward_offset if s.preset == "released_code" else 0.0
-        return cluster_scores(self.reward, self.weight, self.pulls, s.alpha, center=self.scale.center,
-                              scale=self.scale.scale, offset=offset, prior_mean=s.prior_mean, cold_start=s.cold_start)
+        return cluster_scores(self.reward, self.weight, self.pulls, s.alpha, scale=self.scale.scale, offset=offset,
+                              prior_mean=s.prior_mean, cold_start=s.cold_start)
 
     def credit(self, arm: int, batch_mean: float, n: int) -> None:
         """One pull of `arm` with this batch mean influence: R += w m, W += w, T += 1 (for the arm, or
@@ -342,8 +340,8 @@ class _Arms:
         self.pulls[near] += 1
 
     def pull_reward(self, batch_mean: float) -> float:
-        """The released code's reward of a pull, in `units`: (m - mu) / sigma - offset."""
-        return (batch_mean - self.scale.center) / self.scale.scale - self.settings.reward_offset
+        """The released code's reward of a pull, in `units`: m / sigma - offset (positive: the arm helps)."""
+        return batch_mean / self.scale.scale - self.settings.reward_offset
 
     def take(self, row: int, score: float, round_index: int) -> bool:
         if self.chosen[row] or self.tokens + self.n_tokens[row] > self.settings.budget_tokens:
@@ -388,7 +386,7 @@ def _play_round(state: _Arms, scorer: DocScorer, settings: BanditSettings,
     select_rank = np.full(len(ids), -1, dtype=np.int64)
     extra = {"round": [], "cluster": [], "id": [], "select_rank": []}
     if settings.preset == "paper":
-        kept = keep_mask(scores, ids, settings, arms_sampled, state.scale.center, state.scale.scale)
+        kept = keep_mask(scores, ids, settings, arms_sampled, state.scale.scale)
         for i in [i for i in np.lexsort((np.asarray(ids, dtype=str), -scores)) if kept[i]]:
             if state.take(int(sampled[i]), float(scores[i]), round_index):
                 select_rank[i] = len(state.selected) - 1
