@@ -195,6 +195,8 @@ def test_exhausted_clusters_drop_out_and_every_doc_is_seen_once(setup):
 
 def test_no_round_starts_once_the_remaining_budget_is_below_the_median_document(spread):
     pool, assignments, truth = spread
+    row = np.arange(len(pool))
+    pool = pool.assign(n_tokens=np.where(row % 40 == 0, 1, 50 + row % 50))  # median 74, a few 1-token docs
     budget = 600
     result = run_bandit(pool, assignments, TableScorer(truth), settings(budget_tokens=budget), progress=False)
     tokens = pool.set_index("id")["n_tokens"]
@@ -204,6 +206,8 @@ def test_no_round_starts_once_the_remaining_budget_is_below_the_median_document(
     selected = pd.Series(tokens[result.ids].to_numpy(), index=result.rounds)
     for r in range(int(result.arms["round"].max()) + 1):
         assert budget - selected[selected.index < r].sum() >= median  # every round began with a useful fill left
+    # the rule "stop when nothing unseen fits" scored 1,596 documents in 106 rounds here to add 7 tokens
+    assert len(result.docs) <= 64
 
 
 def test_budget_stop_when_nothing_unseen_fits(setup):
