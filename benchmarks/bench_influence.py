@@ -6,8 +6,11 @@ one set of documents and one aggregated reference query:
   - every estimator in reverse mode (contraction inside an activation-gradient backward);
   - the forward-only modes of the default estimator (jvp; central_difference), whose cost does
     not depend on the estimator (only V differs);
-  - Kronfluence 1.0.1's K-FAC with one block per module, the match of kfac_attn_indep on Llama's
-    separate q/k/v (its factor fit timed separately);
+  - at equal work, Kronfluence 1.0.1's K-FAC with one block per module (the match of kfac_attn_indep
+    on Llama's separate q/k/v) against our reverse and central-difference scorers: the same fit,
+    reference and scored documents, one aggregated reference query, in two tables: the reference-side
+    work (reference gradients + preconditioning: our `set_reference`) inside both timers, and outside
+    both (the pass over the scored documents only); factor fits timed separately;
   - optionally TRAK (traker's CPU projector).
 The machine is shared, so every method is timed in PAIRS with a forward+backward run right before
 it; "x fwd+bwd" is the median over repeats of the pairwise ratio of wall times and, steadier under
@@ -20,6 +23,9 @@ A per-phase profile of one batch (torch.profiler record_function sections in qua
 forward, backward, hooks, contraction, collate) shows where the time goes.
 
     .venv/bin/python benchmarks/bench_influence.py --configs 256:128:64:16 256:512:16:8 1024:128:16:8 1024:512:4:4
+
+Every count is the count used: docs, --fit-docs and --reference-docs run in batches of min(batch, count),
+and a count that is not a whole number of such batches is refused.
 
 A real pretrained model instead of the random-init ones (its hidden width is its own; the config's
 first field is ignored), e.g. SmolLM2-135M converted once into --workdir:
@@ -46,7 +52,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from quadlib.influence.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, InfluenceEstimator, make_estimator
 from quadlib.influence.loss import Batch
 from quadlib.proxy.loss import document_losses
-from quadlib.influence.peers import kronfluence_scores, trak_scores
+from quadlib.influence.peers import KronfluencePeer, trak_scores
 from quadlib.influence.scorer import collate
 from quadlib.influence.toy import random_batch, tiny_llama
 from quadlib.proxy.configs import PACKAGED_MODELS, build_model, convert_packaged
@@ -84,6 +90,15 @@ class Row:
     live_mib: float | None
     rss_mib: float
     fit_seconds: float | None = None
+
+
+def batches_of(count: int, width: int, seed: int, tokens: int, vocab: int, flag: str) -> list[Batch]:
+    """`count` random documents in batches of min(width, count); a count the batches cannot hold exactly is refused."""
+    width = min(width, count)
+    if count < 1 or count % width:
+        raise SystemExit(f"bench_influence: {flag} {count} is not a whole number of batches of {width}; "
+                         f"pass a multiple of {width} (or change the config's batch)")
+    return [random_batch(width, tokens, vocab, seed=seed + i) for i in range(count // width)]
 
 
 def _reset_rss_peak() -> None:
@@ -172,7 +187,8 @@ def pretrained(name: str, workdir: Path) -> torch.nn.Module:
     return build_model(folder, device="cpu").eval()
 
 
-def run_config(config: Config, args: argparse.Namespace) -> tuple[list[Row], dict[str, dict[str, float]]]:
+def run_config(config: Config, args: argparse.Namespace
+               ) -> tuple[list[Row], dict[str, dict[str, float]], list[EqualWorkRow]]:
     if args.model:
         model = pretrained(args.model, args.workdir)
         args.vocab, args.layers = model.config.vocab_size, model.config.num_hidden_layers
@@ -181,17 +197,19 @@ def run_config(config: Config, args: argparse.Namespace) -> tuple[list[Row], dic
         model = tiny_llama(hidden=config.hidden, layers=args.layers, vocab=args.vocab, heads=max(2, config.hidden // 64),
                            kv_heads=max(2, config.hidden // 64), intermediate=int(2.75 * config.hidden),
                            dtype=torch.float32)
-    b, n_batches = config.batch, max(1, config.docs // config.batch)
-    documents = [random_batch(b, config.tokens, args.vocab, seed=100 + i) for i in range(n_batches)]
-    fit = [random_batch(b, config.tokens, args.vocab, seed=200 + i) for i in range(max(1, args.fit_docs // b))]
-    reference = [random_batch(b, config.tokens, args.vocab, seed=300 + i) for i in range(max(1, args.reference_docs // b))]
+    documents = batches_of(config.docs, config.batch, 100, config.tokens, args.vocab, "the config's docs")
+    fit = batches_of(args.fit_docs, config.batch, 200, config.tokens, args.vocab, "--fit-docs")
+    reference = batches_of(args.reference_docs, config.batch, 300, config.tokens, args.vocab, "--reference-docs")
+    b, n_batches = _rows(documents[0]), len(documents)
     n_params = sum(p.numel() for p in model.parameters())
     title = args.model or f"Llama-style {args.layers} x {config.hidden} (intermediate {int(2.75 * config.hidden)})"
     print(f"\n## {title}, {args.layers} layers, width {config.hidden}, vocab "
           f"{args.vocab}, {n_params / 1e6:.1f}M params, float32, {torch.get_num_threads()} threads; "
-          f"{n_batches * b} docs x {config.tokens} tokens, batch {b}", flush=True)
+          f"{n_batches * b} docs x {config.tokens} tokens, batch {b}; fit {sum(map(_rows, fit))} docs, reference "
+          f"{sum(map(_rows, reference))} docs (batch {_rows(reference[0])})", flush=True)
     baseline = lambda: forward_backward(model, documents)  # noqa: E731
     rows: list[Row] = []
+    equal_rows: list[EqualWorkRow] = []
     profiles: dict[str, dict[str, float]] = {}
     scores: dict[str, np.ndarray] = {}
 
@@ -203,10 +221,11 @@ def run_config(config: Config, args: argparse.Namespace) -> tuple[list[Row], dic
               f"{statistics.median(row.cpu_ratios):.2f}, live {live:.0f} MiB", flush=True)
         return result
 
-    measure("forward+backward (training step)", baseline)
-    measure("forward only (no grad)", lambda: forward_only(model, documents))
-    profiles["forward+backward"] = phase_profile(lambda: forward_backward(model, documents[:1]))
-    for name in args.estimators:
+    if not args.equal_work_only:
+        measure("forward+backward (training step)", baseline)
+        measure("forward only (no grad)", lambda: forward_only(model, documents))
+        profiles["forward+backward"] = phase_profile(lambda: forward_backward(model, documents[:1]))
+    for name in [] if args.equal_work_only else args.estimators:
         estimator = make_estimator(name, "kronfluence_match")
         start = time.perf_counter()
         estimator.fit(model, fit)
@@ -226,26 +245,16 @@ def run_config(config: Config, args: argparse.Namespace) -> tuple[list[Row], dic
         del estimator
 
     if not args.no_kronfluence:
-        indep = make_estimator("kfac_attn_indep")
-        indep.fit(model, fit[:1])
-        modules = sorted({part.module_name for layer in indep.layers for part in layer.parts})
-        start, cpu_start = time.perf_counter(), time.process_time()
-        baseline()
-        base_wall, base_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        _reset_rss_peak()
-        peer = kronfluence_scores(model, modules, fit, reference, documents, damping=None, dtype=torch.float32)
-        rows.append(Row("kronfluence 1.0.1 kfac (pairwise, 1 query set)", peer.score_seconds, peer.score_cpu_seconds,
-                        [base_wall / peer.score_seconds], [base_cpu / peer.score_cpu_seconds], None, _rss_peak_mib(),
-                        peer.fit_seconds))
-        scores["kronfluence_kfac"] = peer.scores
+        peer_scores, equal_rows = equal_work(model, fit, reference, documents, baseline, args)
+        scores.update(peer_scores)
     if args.trak:
         _reset_rss_peak()
         trak = trak_scores(model, fit, reference, documents, proj_dim=args.trak_proj_dim)
         rows.append(Row(f"TRAK (traker BasicProjector, proj_dim {args.trak_proj_dim})", trak.score_seconds,
                         trak.score_cpu_seconds, [rows[0].seconds / trak.score_seconds],
                         [rows[0].cpu_seconds / trak.score_cpu_seconds], None, _rss_peak_mib(), trak.fit_seconds))
-    if "kronfluence_kfac" in scores and "kfac_attn_indep" in scores:
-        a, k = scores["kfac_attn_indep"], scores["kronfluence_kfac"]
+    if "kronfluence_kfac" in scores and "equal-work kfac_attn_indep" in scores:
+        a, k = scores["equal-work kfac_attn_indep"], scores["kronfluence_kfac"]
         print(f"  peer cross-check: quad kfac_attn_indep vs Kronfluence kfac: Pearson {np.corrcoef(a, k)[0, 1]:.6f}, "
               f"Spearman {spearmanr(a, k)[0]:.6f}")
     reverse = scores.get(DEFAULT_ESTIMATOR)
@@ -255,22 +264,117 @@ def run_config(config: Config, args: argparse.Namespace) -> tuple[list[Row], dic
             print(f"  {mode} vs reverse ({DEFAULT_ESTIMATOR}, random tokens, float32): Spearman "
                   f"{spearmanr(other, reverse)[0]:.6f}, max |diff| / max |reverse| "
                   f"{np.abs(other - reverse).max() / np.abs(reverse).max():.2e}")
-    print_table(rows, n_batches * b, n_batches * b * config.tokens)
-    print_profiles(profiles)
-    return rows, profiles
+    if rows:
+        print_table(rows, n_batches * b, n_batches * b * config.tokens)
+        print_profiles(profiles)
+    return rows, profiles, equal_rows
+
+
+def _rows(batch: Batch) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+@dataclass
+class EqualWorkRow:
+    """One method's paired timings at equal work, with and without the reference-side work in its timer."""
+
+    method: str
+    with_reference: list[tuple[float, float]]  # (method CPU s, fwd+bwd CPU s) per pair
+    without_reference: list[tuple[float, float]]
+    fit_seconds: float
+
+
+def equal_work(model: torch.nn.Module, fit: list[Batch], reference: list[Batch], documents: list[Batch],
+               baseline: Callable[[], object], args: argparse.Namespace
+               ) -> tuple[dict[str, np.ndarray], list[EqualWorkRow]]:
+    """Our estimators and Kronfluence's K-FAC on the same fit, reference and scored documents, one aggregated query.
+
+    Per repeat: a forward+backward over the scored documents, then the method, timed twice inside one call:
+    the whole call (reference gradients + preconditioning + the pass over the scored documents; ours:
+    `set_reference` then `score` on every batch) and the pass over the scored documents alone.
+    Kronfluence runs with `aggregate_query_gradients=True` (one summed query, as `set_reference`) and also
+    without (one preconditioned query per reference document, the scored documents re-read per reference batch).
+    """
+    rows: list[EqualWorkRow] = []
+    scores: dict[str, np.ndarray] = {}
+
+    def base_cpu() -> float:
+        start = time.process_time()
+        baseline()
+        return time.process_time() - start
+
+    for name, mode in (("kfac_attn_indep", "reverse"), (DEFAULT_ESTIMATOR, "central_difference")):
+        estimator = make_estimator(name, "kronfluence_match")
+        estimator.settings = replace(estimator.settings, mode=mode)
+        start = time.perf_counter()
+        estimator.fit(model, fit)
+        fit_seconds = time.perf_counter() - start
+        row = EqualWorkRow(f"quad {mode} {name}", [], [], fit_seconds)
+        for repeat in range(args.repeats + 1):  # the first call (one batch) warms up, untimed
+            scored = documents if repeat else documents[:1]
+            base = base_cpu() if repeat else 0.0
+            start = time.process_time()
+            estimator.set_reference(model, reference)
+            middle = time.process_time()
+            result = torch.cat([estimator.score(model, batch) for batch in scored]).numpy()
+            end = time.process_time()
+            if repeat:
+                row.with_reference.append((end - start, base))
+                row.without_reference.append((end - middle, base))
+        rows.append(row)
+        scores[f"equal-work {name}" if mode == "reverse" else f"equal-work {mode} {name}"] = result
+        print(f"  {row.method}: {row.with_reference[-1][0]:.2f} s CPU with reference, "
+              f"{row.without_reference[-1][0]:.2f} s without", flush=True)
+        del estimator
+
+    indep = make_estimator("kfac_attn_indep")
+    indep.fit(model, fit[:1])
+    modules = sorted({part.module_name for layer in indep.layers for part in layer.parts})
+    for aggregate in (True, False):
+        peer = KronfluencePeer(model, modules, fit, damping=None, dtype=torch.float32, aggregate_query=aggregate)
+        label = "aggregated query" if aggregate else "one query per reference doc"
+        row = EqualWorkRow(f"Kronfluence 1.0.1 kfac, {label}", [], [], peer.fit_seconds)
+        try:
+            for repeat in range(args.repeats + 1):  # the first call (one batch) warms up, untimed
+                base = base_cpu() if repeat else 0.0
+                timing = peer.score(reference, documents if repeat else documents[:1])
+                if repeat:
+                    row.with_reference.append((timing.cpu_seconds, base))
+                    row.without_reference.append((timing.documents_cpu_seconds, base))
+        finally:
+            peer.close()
+        rows.append(row)
+        if aggregate:
+            scores["kronfluence_kfac"] = timing.scores
+        print(f"  {row.method}: {row.with_reference[-1][0]:.2f} s CPU with reference, "
+              f"{row.without_reference[-1][0]:.2f} s without", flush=True)
+    n_docs, n_ref = sum(map(_rows, documents)), sum(map(_rows, reference))
+    for key, title in (("with_reference", "reference-side work (reference gradients + preconditioning) INSIDE both "
+                                          "timers"),
+                       ("without_reference", "reference-side work OUTSIDE both timers (the pass over the scored "
+                                             "documents only)")):
+        print(f"\nequal work, {title}: {n_docs} scored docs in {len(documents)} batches, {n_ref} reference docs; "
+              f"CPU-time ratio fwd+bwd / method on the same scored batches, median of {args.repeats} pairs "
+              "(higher = faster)")
+        print("| method | CPU s (best) | x fwd+bwd (CPU) | x Kronfluence aggregated (CPU) | fit s |")
+        print("|---|---|---|---|---|")
+        peer_row = next(r for r in rows if r.method.endswith("aggregated query"))
+        peer_ratio = statistics.median(b / m for m, b in getattr(peer_row, key))
+        for row in rows:
+            ratio = statistics.median(b / m for m, b in getattr(row, key))
+            print(f"| {row.method} | {min(m for m, _ in getattr(row, key)):.2f} | {ratio:.2f} | "
+                  f"{ratio / peer_ratio:.2f} | {row.fit_seconds:.1f} |")
+    return scores, rows
 
 
 def print_table(rows: list[Row], n_docs: int, n_tokens: int) -> None:
-    kronfluence = next((row for row in rows if row.method.startswith("kronfluence")), None)
-    print("\n| method | docs/s | tokens/s | x fwd+bwd (wall) | x fwd+bwd (CPU) | x Kronfluence (CPU) | live MiB | "
-          "RSS MiB | fit s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| method | docs/s | tokens/s | x fwd+bwd (wall) | x fwd+bwd (CPU) | live MiB | RSS MiB | fit s |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        vs_peer = f"{kronfluence.cpu_seconds / row.cpu_seconds:.2f}" if kronfluence else "-"
         live = f"{row.live_mib:.0f}" if row.live_mib is not None else "-"
         fit = f"{row.fit_seconds:.1f}" if row.fit_seconds is not None else "-"
         print(f"| {row.method} | {n_docs / row.seconds:.1f} | {n_tokens / row.seconds:.0f} | "
-              f"{statistics.median(row.ratios):.2f} | {statistics.median(row.cpu_ratios):.2f} | {vs_peer} | {live} | "
+              f"{statistics.median(row.ratios):.2f} | {statistics.median(row.cpu_ratios):.2f} | {live} | "
               f"{row.rss_mib:.0f} | {fit} |")
 
 
@@ -290,7 +394,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", type=Config.parse,
                         default=[Config.parse(text) for text in ("256:128:64:16", "256:512:16:8", "1024:128:16:8",
                                                                  "1024:512:4:4")],
-                        help="hidden:tokens:docs:batch per configuration; few docs keep the big ones feasible")
+                        help="hidden:tokens:docs:batch per configuration (docs a multiple of batch); few docs keep the big "
+                             "ones feasible")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--fit-docs", type=int, default=16)
@@ -298,6 +403,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed (fwd+bwd, method) pairs per method")
     parser.add_argument("--estimators", nargs="*", default=sorted(ESTIMATORS))
     parser.add_argument("--no-kronfluence", action="store_true")
+    parser.add_argument("--equal-work-only", action="store_true",
+                        help="only the equal-work comparison with Kronfluence (no per-estimator table, no profiles)")
     parser.add_argument("--trak", action="store_true", help="also time TRAK (slow: per-document gradients)")
     parser.add_argument("--trak-proj-dim", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None,
@@ -312,9 +419,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = {}
     for config in args.configs:
-        rows, profiles = run_config(config, args)
+        rows, profiles, equal_rows = run_config(config, args)
         results[f"{config.hidden}x{config.tokens}"] = {"config": vars(config), "rows": [vars(r) for r in rows],
-                                                       "profiles": profiles}
+                                                       "profiles": profiles,
+                                                       "equal_work": [vars(r) for r in equal_rows]}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},

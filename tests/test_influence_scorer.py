@@ -71,10 +71,17 @@ def test_cache_keeps_what_a_parallel_process_wrote(tmp_path) -> None:
     assert ScoreCache(tmp_path / "s.parquet").get(["a", "b", "c"]) == {"a": 1.0, "b": 2.0, "c": 3.0}
 
 
-@pytest.mark.parametrize(("layout", "estimator"), [("llama", "kfac_attn_indep"), ("gpt2", "kfac_joint_qkv")])
-def test_kronfluence_kfac_agrees_with_ours(layout: str, estimator: str) -> None:
+@pytest.mark.parametrize(("layout", "estimator", "max_gap"),
+                         [("llama", "kfac_attn_indep", 1e-6), ("gpt2", "kfac_joint_qkv", 1e-12)])
+def test_kronfluence_kfac_agrees_with_ours(layout: str, estimator: str, max_gap: float) -> None:
     """Peer cross-check with Kronfluence's heuristic damping, one K-FAC block per module it tracks:
-    Llama's separate q/k/v = our independent layers; GPT-2's fused c_attn = our joint QKV layer."""
+    Llama's separate q/k/v = our independent layers; GPT-2's fused c_attn = our joint QKV layer.
+
+    In float64 the scores are proportional (the two libraries normalise the losses differently):
+    GPT-2 measured 1 - Pearson = 1.1e-16 (round-off), Llama 8.6e-8 (each module's scores differ by
+    about 1.3e-6 relative: a float32-level difference not yet traced), hence the per-layout bound.
+    Dropping one tracked module on the peer side gives 1 - Pearson = 8.3e-3 (Llama) and 2.5e-2 (GPT-2),
+    a flipped sign -1: both fail here (the Llama drop passed the old bound Pearson >= 0.99)."""
     model = tiny_llama() if layout == "llama" else tiny_gpt2()
     fit = [random_batch(4, 10, 64, seed=s) for s in range(3)]
     reference, documents = [random_batch(3, 10, 64, seed=10)], [random_batch(6, 10, 64, seed=20)]
@@ -85,4 +92,24 @@ def test_kronfluence_kfac_agrees_with_ours(layout: str, estimator: str) -> None:
     peer_model = conv1d_to_linear(model) if layout == "gpt2" else model
     modules = sorted({part.module_name for layer in ours.layers for part in layer.parts})
     peer = kronfluence_scores(peer_model, modules, fit, reference, documents, damping=None)
-    assert np.corrcoef(our_scores, peer.scores)[0, 1] >= 0.99
+    assert 1.0 - np.corrcoef(our_scores, peer.scores)[0, 1] <= max_gap
+
+
+def test_bench_influence_uses_every_requested_count_or_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/bench_influence.py: 4 reference docs at batch 16 are 4 docs (they silently became 16 before);
+    a count that is not a whole number of batches is refused with a one-line error naming the flag."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_influence.py"
+    spec = importlib.util.spec_from_file_location("bench_influence", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_influence", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    for count, width, shape in ((4, 16, [4]), (8, 16, [8]), (128, 16, [16] * 8), (16, 4, [4] * 4)):
+        batches = bench.batches_of(count, width, 0, 6, 64, "--reference-docs")
+        assert [int(b["input_ids"].shape[0]) for b in batches] == shape
+    for count, width in ((20, 16), (6, 4), (0, 4)):
+        with pytest.raises(SystemExit, match=f"--fit-docs {count} is not a whole number"):
+            bench.batches_of(count, width, 0, 6, 64, "--fit-docs")
