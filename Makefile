@@ -9,6 +9,8 @@ DEMO_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# threads that wait sleep instead of spinning: no collapse beside a competing load (quadlib/__init__.py)
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup demo test report bench clean
 

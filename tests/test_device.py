@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,19 @@ def test_cap_threads_caps_torch_and_the_blas_pools(monkeypatch: pytest.MonkeyPat
         assert cap_threads() == 1
         assert torch.get_num_threads() == 1
         assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+
+
+def test_importing_quadlib_makes_openmp_threads_sleep_while_they_wait() -> None:
+    """A spinning OpenMP pool beside a competing load made a 2-thread training step 8x slower (12.9 s
+    against 1.6 s, quadlib/__init__.py); the setting must hold in every process that imports quadlib,
+    including the notebook kernels started from it, and must not override the user's own value."""
+    import subprocess
+    import sys
+
+    code = "import os, quadlib; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"
