@@ -135,24 +135,47 @@ def test_score_scale_units_make_the_selection_independent_of_the_score_scale(spr
             != run_bandit(pool, assignments, TableScorer(big), absolute, progress=False).ids)
 
 
-def _coverage(result, assignments, truth):
-    pulled = result.arms[result.arms["pulled"]]["cluster"].nunique()
-    return pulled, quality_diversity(result.ids, truth, assignments)
+def test_alpha_sweep_moves_coverage_up_and_quality_down_monotonically(spread):
+    """Averaged over seeds: each step up in alpha never lowers coverage or entropy and never raises the mean
+    influence beyond the seeds' 95% interval, and the extremes differ beyond their intervals; the default
+    alpha lies between them (up to the intervals: a little exploration may find a slightly better arm).
+    Fails with the bonus's sign flipped (coverage falls), with alpha ignored (flat), and
+    with a prior of 0 for untried arms (alpha 0 sweeps the clusters in label order: quality rose with alpha)."""
+    from quadlib.selection.metrics import replay_sweep, sweep_intervals
 
-
-def test_coverage_grows_with_alpha_and_is_not_fixed_by_the_cold_start(spread):
     pool, assignments, truth = spread
-    rows = []
-    for alpha in (0.0, 1.0, 3.0, 10.0):
-        result = run_bandit(pool, assignments, TableScorer(truth), settings(alpha=alpha, budget_tokens=600),
-                            progress=False)
-        pulled, measured = _coverage(result, assignments, truth)
-        rows.append((pulled, measured["clusters_covered"], measured["entropy"], measured["mean_influence"]))
-    pulled, covered, entropy, quality = (np.array(c) for c in zip(*rows))
-    assert pulled[0] < len(SPREAD) / 2 and covered[0] < covered[-1]  # alpha = 0 leaves most arms untried
-    assert (np.diff(covered) >= 0).all() and (np.diff(entropy) > 0).all()
-    # exploring first finds better arms than the first ones tried, then spreading the pulls costs quality
-    assert quality[1] > quality[0] and (np.diff(quality[1:]) < 0).all()
+    alphas = sorted({0.0, BanditSettings.alpha, 0.3, 1.0, 3.0, 10.0})
+    runs = replay_sweep(truth, pool, assignments, settings(budget_tokens=600), [{"alpha": a} for a in alphas],
+                        seeds=range(4))
+    sweep = sweep_intervals(runs, "alpha").set_index("alpha")
+    assert list(sweep.index) == alphas and (sweep["n_seeds"] == 4).all()
+    for metric, sign in (("clusters_covered", 1), ("entropy", 1), ("mean_influence", -1)):
+        mean, lo, hi = (sweep[c].to_numpy() for c in (metric, f"{metric}_lo", f"{metric}_hi"))
+        if sign > 0:
+            assert (mean[1:] >= lo[:-1]).all() and lo[-1] > hi[0], metric  # up, not by chance
+        else:
+            assert (mean[1:] <= hi[:-1]).all() and hi[-1] < lo[0], metric  # down, not by chance
+        default = sweep.loc[BanditSettings.alpha, metric]  # between the extremes, up to their intervals
+        assert min(lo[0], lo[-1]) <= default <= max(hi[0], hi[-1]), metric
+
+
+def test_seen_mean_prior_makes_the_selection_independent_of_a_shift_of_the_scores(spread):
+    """Untried arms are expected to be like the average document seen, so adding a constant to every
+    score changes nothing (with a keep rule that does not read tau); a fixed prior of 0 does change it."""
+    pool, assignments, truth = spread
+    shifted = {i: v + 0.05 for i, v in truth.items()}  # every cluster now has a positive mean
+    for alpha in (0.0, 0.3):
+        s = settings(budget_tokens=600, alpha=alpha, keep_rule="top_fraction")
+        base = run_bandit(pool, assignments, TableScorer(truth), s, progress=False)
+        assert run_bandit(pool, assignments, TableScorer(shifted), s, progress=False).ids == base.ids
+    fixed = settings(budget_tokens=600, alpha=0.0, keep_rule="top_fraction", prior="fixed")
+    sweep = run_bandit(pool, assignments, TableScorer(shifted), fixed, progress=False)
+    assert sweep.ids != run_bandit(pool, assignments, TableScorer(truth), fixed, progress=False).ids
+    pulled = sweep.arms[sweep.arms["pulled"]].groupby("round")["cluster"].apply(list)
+    assert pulled.iloc[0] == [0, 1] and sorted(set().union(*pulled)) == list(range(len(set().union(*pulled))))
+    assert BanditSettings().prior_rule == "seen_mean" and BanditSettings(preset="released_code").prior_rule == "fixed"
+    with pytest.raises(ValueError, match="prior"):
+        BanditSettings(prior="optimistic")
 
 
 def test_ten_thousand_arms_start_exploiting_within_a_few_rounds():
@@ -373,6 +396,36 @@ def test_bandit_figures_draw_from_a_replay_and_the_alpha_frontier_marks_the_defa
     assert (np.diff(by_alpha["entropy"]) > 0).all() and (np.diff(by_alpha["mean_influence"]) < 0).all()
 
 
+def test_alpha_sweep_figure_draws_each_method_in_its_colour_with_the_seeds_intervals(spread):
+    from quadlib.plots.bandit_plots import alpha_sweep_figure, quality_diversity_figure
+    from quadlib.plots.palette import method_color
+    from quadlib.selection.metrics import replay_sweep, sweep_intervals
+
+    pool, assignments, truth = spread
+    s = settings(budget_tokens=600)
+    grid = [{"alpha": a} for a in (1.0, 0.0, 0.3)]
+    runs = replay_sweep(truth, pool, assignments, s, grid, seeds=[0, 1, 2])
+    assert sorted(runs["seed"].unique()) == [0, 1, 2] and len(runs) == 9
+    one = runs[(runs["alpha"] == 0.3)]["mean_influence"].to_numpy()
+    quad = sweep_intervals(runs, "alpha")
+    row = quad.set_index("alpha").loc[0.3]
+    half = 4.302652729911275 * one.std(ddof=1) / math.sqrt(3)  # t_{0.975, 2}
+    assert row["mean_influence"] == pytest.approx(one.mean())
+    assert (row["mean_influence_lo"], row["mean_influence_hi"]) == pytest.approx((one.mean() - half, one.mean() + half))
+    released = quad.assign(mean_influence=quad["mean_influence"] / 2)  # any second method
+    figure = alpha_sweep_figure({"quad_released": released, "quad": quad}, default=0.3, units="std of the scores seen")
+    names = [trace.name for trace in figure.data]
+    assert names == ["quad", "quad", "quad_released", "quad_released"]  # the palette's order, two panels each
+    assert all(trace.line.color == method_color(trace.name) for trace in figure.data)
+    influence = figure.data[1]
+    assert list(influence.x) == ["0", "0.3", "1"]  # alpha = 0 on the axis, in increasing order
+    assert list(influence.error_y.array) == pytest.approx(quad["mean_influence_hi"] - quad["mean_influence"])
+    assert "std of the scores seen" in figure.layout.xaxis.title.text
+    assert "score units" in figure.layout.yaxis2.title.text and len(figure.layout.shapes) == 2  # default marked
+    qd = quality_diversity_figure(quad, frontier="alpha", default=0.3)
+    assert list(qd.data[0].text) == ["alpha=0", "alpha=0.3", "alpha=1"]  # interval columns are not parameters
+
+
 def test_replay_explorer_replays_at_the_run_budget_and_reports_live(spread):
     from quadlib.plots.replay_explorer import parameter_grids, replay_explorer, replay_figures
 
@@ -400,3 +453,4 @@ def test_replay_explorer_replays_at_the_run_budget_and_reports_live(spread):
     assert {0.0, 0.7} <= set(grids["alpha"]) and {0.0, 0.4} <= set(grids["tau"])
     absolute = parameter_grids(settings(units="absolute", alpha=0.002, tau=0.0025), scores)
     assert {0.0, 0.002} <= set(absolute["alpha"]) and {0.0, 0.0025} <= set(absolute["tau"])
+

@@ -14,6 +14,8 @@ import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
 
+from plotly.subplots import make_subplots
+
 from quadlib.plots.palette import method_color, method_order, registered_methods
 
 PALETTE = plotly.colors.qualitative.Dark24
@@ -95,7 +97,8 @@ def quality_diversity_figure(points: pd.DataFrame, label: str | None = None, *, 
     """
     _require(points, ("mean_influence", "entropy", "clusters_covered"), "quality_diversity_figure")
     params = [c for c in points.columns if c not in ("mean_influence", "entropy", "clusters_covered", "n_docs",
-                                                      "tokens_selected", "stop_reason")]
+                                                      "tokens_selected", "stop_reason", "n_seeds", "seed")
+              and not c.endswith(("_lo", "_hi"))]
     if label:
         text = points[label].map(str)
     elif params:  # "alpha=0.02" or "k=4": only the parameters a row actually sets
@@ -128,4 +131,43 @@ def quality_diversity_figure(points: pd.DataFrame, label: str | None = None, *, 
     swept = f" over {frontier}" + (f" ({units})" if units else "") if frontier else ""
     fig.update_layout(title=f"Quality vs diversity{swept}", xaxis_title="cluster entropy of the selection (nats)",
                       yaxis_title="mean influence of the selection (score units)")
+    return fig
+
+
+def alpha_sweep_figure(summaries: Mapping[str, pd.DataFrame], default: float | None = None,
+                       units: str | None = None) -> go.Figure:
+    """Clusters covered and mean influence of the selection against alpha, one line per method
+    (its colour from `quadlib.plots.palette`), with the seeds' intervals as error bars.
+
+    summaries: method -> `quadlib.selection.metrics.sweep_intervals(runs, by="alpha")` (columns alpha,
+    clusters_covered[_lo/_hi], mean_influence[_lo/_hi]). The alpha axis is categorical (the grid holds
+    0, which a log axis cannot show); `default` is marked by a dotted vertical line.
+    """
+    for name, frame in summaries.items():
+        _require(frame, ("alpha", "clusters_covered", "mean_influence"), f"alpha_sweep_figure({name})")
+    alphas = sorted({float(a) for frame in summaries.values() for a in frame["alpha"]})
+    labels = {a: f"{a:g}" for a in alphas}
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Clusters covered", "Mean influence"))
+    for method in method_order(summaries):
+        frame = summaries[method].sort_values("alpha")
+        x = [labels[float(a)] for a in frame["alpha"]]
+        for col, metric in ((1, "clusters_covered"), (2, "mean_influence")):
+            error = None
+            if f"{metric}_hi" in frame:
+                error = {"type": "data", "array": (frame[f"{metric}_hi"] - frame[metric]).to_numpy(),
+                         "arrayminus": (frame[metric] - frame[f"{metric}_lo"]).to_numpy()}
+            fig.add_trace(go.Scatter(x=x, y=frame[metric], error_y=error, mode="lines+markers", name=method,
+                                     legendgroup=method, showlegend=col == 1,
+                                     line={"color": method_color(method)}), row=1, col=col)
+    if default is not None and float(default) in labels:
+        for col in (1, 2):
+            fig.add_vline(x=alphas.index(float(default)), line={"dash": "dot", "color": "black"}, row=1, col=col)
+    seeds = [int(f["n_seeds"].min()) for f in summaries.values() if "n_seeds" in f]
+    over = f", mean over {min(seeds)} seeds with 95% intervals" if seeds else ""
+    axis = f"α ({units})" if units else "α"
+    fig.update_xaxes(title_text=axis, type="category", categoryorder="array", categoryarray=list(labels.values()))
+    fig.update_yaxes(title_text="clusters in the selection", row=1, col=1)
+    fig.update_yaxes(title_text="mean influence per selected document (score units)", row=1, col=2)
+    title = "α sweep at the run's budget" + (f" (default α = {default:g} dotted)" if default is not None else "")
+    fig.update_layout(title=title + over)
     return fig

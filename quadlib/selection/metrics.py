@@ -42,12 +42,39 @@ def source_mix(ids: Sequence[str], pool: pd.DataFrame, weight: str = "docs") -> 
 
 
 def replay_sweep(scores: Mapping[str, float] | pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame,
-                 settings: BanditSettings, grid: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per parameter setting of `grid` (overrides of `settings`): the replayed selection's
-    quality and diversity, from cached scores only."""
+                 settings: BanditSettings, grid: Sequence[Mapping[str, Any]],
+                 seeds: Sequence[int] | None = None, centroids: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per parameter setting of `grid` (overrides of `settings`), or per setting and seed of
+    `seeds` (a "seed" column; `sweep_intervals` averages them): the replayed selection's quality and
+    diversity, from cached scores only. `centroids` `[n_clusters, d]`: for the released_code preset."""
     rows = []
     for overrides in grid:
-        result = replay(scores, pool, assignments, settings, **overrides)
-        rows.append({**overrides, **quality_diversity(result.ids, scores, assignments),
-                     "tokens_selected": result.tokens_selected, "stop_reason": result.stop_reason})
+        for seed in ([settings.seed] if seeds is None else seeds):
+            result = replay(scores, pool, assignments, settings, centroids, **{**overrides, "seed": seed})
+            rows.append({**overrides, **({} if seeds is None else {"seed": seed}),
+                         **quality_diversity(result.ids, scores, assignments),
+                         "tokens_selected": result.tokens_selected, "stop_reason": result.stop_reason})
+    return pd.DataFrame(rows)
+
+
+SWEEP_METRICS = ("mean_influence", "entropy", "clusters_covered")
+
+
+def sweep_intervals(runs: pd.DataFrame, by: str, level: float = 0.95) -> pd.DataFrame:
+    """Per value of `by`, the mean over seeds of each metric of a seeded `replay_sweep` and its
+    two-sided Student-t interval at `level`: mean +- t_{level, n-1} * sd / sqrt(n), columns
+    `<metric>`, `<metric>_lo`, `<metric>_hi`, plus n_seeds (the interval is the mean's when n >= 2)."""
+    from scipy import stats
+
+    rows = []
+    for value, group in runs.groupby(by, sort=True):
+        n = len(group)
+        row: dict[str, Any] = {by: value, "n_seeds": n}
+        for metric in SWEEP_METRICS:
+            values = group[metric].to_numpy(dtype=np.float64)  # [n_seeds]
+            mean = float(values.mean())
+            half = (float(stats.t.ppf(0.5 + level / 2, n - 1) * values.std(ddof=1) / np.sqrt(n))
+                    if n >= 2 else float("nan"))
+            row |= {metric: mean, f"{metric}_lo": mean - half, f"{metric}_hi": mean + half}
+        rows.append(row)
     return pd.DataFrame(rows)
