@@ -437,7 +437,7 @@ def test_replay_explorer_replays_at_the_run_budget_and_reports_live(spread):
     explorer = replay_explorer(scores, pool, assignments, run)
     assert "600 tokens" in explorer.header.value and "75.0%" in explorer.header.value
     assert {name: s.value for name, s in explorer.sliders.items()} == {"alpha": 0.3, "tau": 0.0, "gamma": 0.25,
-                                                                       "k": 2}
+                                                                       "k": 2, "batch_size": 8}
     assert "std of the scores seen" in explorer.sliders["alpha"].description
     start = dict(explorer.summary)
     assert start["budget_tokens"] == 600 and start["tokens_selected"] <= 600
@@ -449,8 +449,34 @@ def test_replay_explorer_replays_at_the_run_budget_and_reports_live(spread):
     assert f"{explorer.summary['entropy']:.3f}" in explorer.readout.value
     explorer.sliders["alpha"].value = 0.0  # alpha = 0 is on the slider
     assert explorer.summary["clusters_covered"] <= start["clusters_covered"]
+    explorer.sliders["alpha"].value = 0.3
     grids = parameter_grids(settings(alpha=0.7, tau=0.4), scores)
     assert {0.0, 0.7} <= set(grids["alpha"]) and {0.0, 0.4} <= set(grids["tau"])
     absolute = parameter_grids(settings(units="absolute", alpha=0.002, tau=0.0025), scores)
     assert {0.0, 0.002} <= set(absolute["alpha"]) and {0.0, 0.0025} <= set(absolute["tau"])
 
+
+def test_dragging_any_slider_changes_the_selection_at_the_run_budget(spread):
+    """Every slider of the explorer, moved from the run's value, re-runs the bandit: another selection, with
+    the slider's value in force, within the run's budget (tokens of the selected documents <= 600)."""
+    from quadlib.plots.replay_explorer import replay_explorer
+
+    pool, assignments, truth = spread
+    scores = pd.Series(truth)
+    run = settings(budget_tokens=600)
+    explorer = replay_explorer(scores, pool, assignments, run)
+    explorer.panel.clear_output = lambda **kwargs: None  # no kernel: the panel's figures are not drawn here
+    tokens = pool.set_index("id")["n_tokens"]
+    start = explorer.result.ids
+    moves = {"alpha": 3.0, "tau": 0.5, "gamma": 0.5, "k": 4, "batch_size": 32}
+    assert set(moves) == set(explorer.sliders)  # every slider is driven
+    for name, value in moves.items():
+        explorer.sliders[name].value = value
+        result = explorer.result
+        assert getattr(result.settings, name) == value and result.settings.budget_tokens == 600, name
+        assert result.ids != start, name
+        assert result.tokens_selected == tokens[result.ids].sum() <= 600, name
+        assert explorer.summary["n_docs"] == len(result.ids)
+        assert f"{len(result.ids)} documents" in explorer.readout.value
+        explorer.sliders[name].value = getattr(run, name)  # back to the run's value: the run's selection again
+        assert explorer.result.ids == start, name

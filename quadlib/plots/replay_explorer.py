@@ -1,4 +1,5 @@
-"""Sliders over α, τ, γ and k that re-run the bandit on cached scores at the run's budget (notebook 03).
+"""Sliders over α, τ, γ, k and the batch size that re-run the bandit on cached scores at the run's
+budget (notebook 03).
 
 Every slider change replays the bandit (`quadlib.selection.bandit.replay`, no influence computed)
 with the run's settings, budget included, and updates a live read-out: the replay's mean
@@ -59,10 +60,12 @@ def _describe(summary: dict[str, Any]) -> str:
 
 
 def replay_figures(scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame, settings: BanditSettings,
-                   sweep: pd.DataFrame | None = None) -> tuple[str, list[go.Figure]]:
+                   sweep: pd.DataFrame | None = None,
+                   result: BanditResult | None = None) -> tuple[str, list[go.Figure]]:
     """A one-line summary and the figures of one replay at `settings` (budget included): the
-    quality-diversity plot (the `sweep` frontier over alpha, with this replay), pulls and source mix."""
-    result = replay(scores, pool, assignments, settings)
+    quality-diversity plot (the `sweep` frontier over alpha, with this replay), pulls and source mix.
+    `result`: that replay when already run (it is not run again)."""
+    result = result if result is not None else replay(scores, pool, assignments, settings)
     summary = replay_summary(result, scores, pool, assignments)
     mixes = {"pool": source_mix(pool["id"].tolist(), pool, weight="tokens"),
              "replay": source_mix(result.ids, pool, weight="tokens")}
@@ -73,7 +76,8 @@ def replay_figures(scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFr
 
 
 class ReplayExplorer:
-    """The widget (`.widget`), its sliders by parameter name, the live read-out and the last replay's summary."""
+    """The widget (`.widget`), its sliders by parameter name, the live read-out, the last replay (`.result`)
+    and its summary."""
 
     def __init__(self, scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame, settings: BanditSettings,
                  sweep: pd.DataFrame | None = None) -> None:
@@ -81,6 +85,7 @@ class ReplayExplorer:
         grids = parameter_grids(settings, scores)
         unit = units_label(settings)
         gammas = sorted({round(g, 2) for g in np.arange(0.05, 1.0001, 0.05)} | {float(settings.gamma)})
+        batches = sorted({4, 8, 16, 32, 64, int(settings.batch_size)})
         self.sliders: dict[str, widgets.Widget] = {
             "alpha": widgets.SelectionSlider(options=[(f"{a:.3g}", a) for a in grids["alpha"]],
                                              value=float(settings.alpha), description=f"α ({unit})", style={"description_width": "initial"}),
@@ -90,6 +95,9 @@ class ReplayExplorer:
                                              description="γ (fraction kept)", style={"description_width": "initial"}),
             "k": widgets.IntSlider(value=settings.k, min=1, max=int(assignments["cluster"].nunique()),
                                    description="k (arms per round)", style={"description_width": "initial"}),
+            "batch_size": widgets.SelectionSlider(options=[(str(b), b) for b in batches],
+                                                  value=int(settings.batch_size), description="batch (documents per pull)",
+                                                  style={"description_width": "initial"}),
         }
         fraction = cached_fraction(scores, pool)
         self.header = widgets.HTML(
@@ -100,6 +108,7 @@ class ReplayExplorer:
         self.readout = widgets.HTML()
         self.panel = widgets.Output()
         self.summary: dict[str, Any] = {}
+        self.result: BanditResult | None = None
         self._update()
         for slider in self.sliders.values():
             slider.observe(self._redraw, names="value")
@@ -111,8 +120,8 @@ class ReplayExplorer:
 
     def _update(self) -> BanditSettings:
         chosen = self.chosen()
-        result = replay(self.scores, self.pool, self.assignments, chosen)
-        self.summary = replay_summary(result, self.scores, self.pool, self.assignments)
+        self.result = replay(self.scores, self.pool, self.assignments, chosen)
+        self.summary = replay_summary(self.result, self.scores, self.pool, self.assignments)
         self.readout.value = f"<b>This replay:</b> {_describe(self.summary)}"
         return chosen
 
@@ -120,7 +129,7 @@ class ReplayExplorer:
         chosen = self._update()
         with self.panel:
             self.panel.clear_output(wait=True)
-            _, figures = replay_figures(self.scores, self.pool, self.assignments, chosen, self.sweep)
+            _, figures = replay_figures(self.scores, self.pool, self.assignments, chosen, self.sweep, self.result)
             for figure in figures:
                 figure.show()
 
@@ -130,6 +139,6 @@ class ReplayExplorer:
 
 def replay_explorer(scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame, settings: BanditSettings,
                     sweep: pd.DataFrame | None = None) -> ReplayExplorer:
-    """Sliders for α, τ, γ and k starting at `settings` (the run's, budget included), above a live
+    """Sliders for α, τ, γ, k and the batch size starting at `settings` (the run's, budget included), above a live
     read-out and a panel they redraw; `sweep` (an α `replay_sweep`) draws the frontier."""
     return ReplayExplorer(scores, pool, assignments, settings, sweep)
