@@ -480,3 +480,29 @@ def test_dragging_any_slider_changes_the_selection_at_the_run_budget(spread):
         assert f"{len(result.ids)} documents" in explorer.readout.value
         explorer.sliders[name].value = getattr(run, name)  # back to the run's value: the run's selection again
         assert explorer.result.ids == start, name
+
+
+def test_the_explorer_button_scores_the_rest_and_the_replay_becomes_the_live_run(spread, tmp_path):
+    """With a quarter of the pool cached by other steps, a replay explores only that quarter; the button
+    scores the rest (each missing document once) and the replay is then the live run at the run's budget."""
+    from quadlib.plots.replay_explorer import replay_explorer
+
+    pool, assignments, truth = spread
+    run = settings(budget_tokens=600)
+    scorer, _, _ = _truth_scorer(pool, truth, tmp_path / "scores.parquet")
+    others = pool["id"].iloc[::4].tolist()  # what another method happened to score
+    scorer.score(others)
+    scores = pd.Series(scorer.cached(pool["id"].tolist()))
+    explorer = replay_explorer(scores, pool, assignments, run, scorer=scorer)
+    explorer.panel.clear_output = lambda **kwargs: None  # no kernel: the panel's figures are not drawn here
+    assert "25.0%" in explorer.header.value and not explorer.score_button.disabled
+    assert f"{len(pool) - len(others):,} documents" in explorer.score_button.description
+    assert set(explorer.result.docs["id"]) <= set(others)
+    live = run_bandit(pool, assignments, TableScorer(truth), run, progress=False)
+    assert explorer.result.ids != live.ids
+    computed = scorer.cost.docs_scored
+    explorer.score_button.click()
+    assert scorer.cost.docs_scored - computed == len(pool) - len(others)  # each missing document once
+    assert "100.0%" in explorer.header.value and explorer.score_button.disabled
+    assert explorer.result.ids == live.ids and explorer.result.settings.budget_tokens == 600
+    assert replay_explorer(scores, pool, assignments, run).score_button.disabled  # no scorer: no button

@@ -6,7 +6,8 @@ with the run's settings, budget included, and updates a live read-out: the repla
 influence, cluster entropy, clusters covered, tokens against the budget and its stop reason; the
 panel below redraws the quality-diversity plot (the α sweep's frontier with this replay as a red
 cross), the pulls and the source mix. A header says which fraction of the pool has cached scores:
-a replay explores only those documents. α and τ sliders are labelled with their units and their
+a replay explores only those documents; given the run's scorer, a button scores the rest
+(`complete_scores`), after which every replay equals a live run. α and τ sliders are labelled with their units and their
 grids hold 0 and the configured value.
 
 The figures for the starting values are ordinary outputs (they reach the HTML report); the panel
@@ -26,7 +27,9 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from quadlib.plots.bandit_plots import pulls_per_cluster_figure, quality_diversity_figure, source_mix_figure
-from quadlib.selection.bandit import BanditResult, BanditSettings, cached_fraction, replay, units_label
+from quadlib.selection.bandit import (
+    BanditResult, BanditSettings, cached_fraction, complete_scores, replay, units_label,
+)
 from quadlib.selection.metrics import quality_diversity, source_mix
 
 SCALE_ALPHAS = (0.03, 0.1, 0.3, 1.0, 3.0)  # in standard deviations of the scores seen
@@ -80,8 +83,9 @@ class ReplayExplorer:
     and its summary."""
 
     def __init__(self, scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame, settings: BanditSettings,
-                 sweep: pd.DataFrame | None = None) -> None:
+                 sweep: pd.DataFrame | None = None, scorer: Any = None) -> None:
         self.scores, self.pool, self.assignments, self.settings, self.sweep = scores, pool, assignments, settings, sweep
+        self.scorer = scorer
         grids = parameter_grids(settings, scores)
         unit = units_label(settings)
         gammas = sorted({round(g, 2) for g in np.arange(0.05, 1.0001, 0.05)} | {float(settings.gamma)})
@@ -99,12 +103,11 @@ class ReplayExplorer:
                                                   value=int(settings.batch_size), description="batch (documents per pull)",
                                                   style={"description_width": "initial"}),
         }
-        fraction = cached_fraction(scores, pool)
-        self.header = widgets.HTML(
-            f"Replays run at the run's budget of {settings.budget_tokens:,} tokens on cached scores only: "
-            f"{fraction:.1%} of the pool ({int(round(fraction * len(pool))):,} of {len(pool):,} documents) has one, "
-            "and a replay explores only those. Move a slider to re-run the bandit; the figures below the "
-            "widget are for the starting values.")
+        self.header = widgets.HTML()
+        self.score_button = widgets.Button(description="Score the rest of the pool", icon="calculator",
+                                           layout={"width": "auto"})
+        self.score_button.on_click(self._score_the_rest)
+        self._describe_cache()
         self.readout = widgets.HTML()
         self.panel = widgets.Output()
         self.summary: dict[str, Any] = {}
@@ -112,7 +115,29 @@ class ReplayExplorer:
         self._update()
         for slider in self.sliders.values():
             slider.observe(self._redraw, names="value")
-        self.widget = widgets.VBox([widgets.HBox(list(self.sliders.values())), self.header, self.readout, self.panel])
+        self.widget = widgets.VBox([widgets.HBox(list(self.sliders.values())), self.header, self.score_button,
+                                    self.readout, self.panel])
+
+    def _describe_cache(self) -> None:
+        fraction = cached_fraction(self.scores, self.pool)
+        missing = len(self.pool) - int(round(fraction * len(self.pool)))
+        self.header.value = (
+            f"Replays run at the run's budget of {self.settings.budget_tokens:,} tokens on cached scores only: "
+            f"{fraction:.1%} of the pool ({len(self.pool) - missing:,} of {len(self.pool):,} documents) has one, "
+            "and a replay explores only those" + (" (every replay equals a live run)." if not missing else
+                                                  "; the button below scores the rest.")
+            + " Move a slider to re-run the bandit; the figures below the widget are for the starting values.")
+        self.score_button.description = f"Score the {missing:,} documents without a score"
+        self.score_button.disabled = self.scorer is None or missing == 0
+        self.score_button.layout.display = None if self.scorer is not None and missing else "none"
+
+    def _score_the_rest(self, _button: object = None) -> None:
+        """Score every pool document without a cached score, then replay with the whole pool."""
+        self.score_button.disabled = True
+        self.scores = complete_scores(self.scorer, self.pool["id"].tolist(), on_batch=lambda done, total: setattr(
+            self.score_button, "description", f"scored {done:,} of {total:,} documents"))
+        self._describe_cache()
+        self._redraw(None)
 
     def chosen(self) -> BanditSettings:
         """The run's settings with the sliders' values."""
@@ -138,7 +163,8 @@ class ReplayExplorer:
 
 
 def replay_explorer(scores: pd.Series, pool: pd.DataFrame, assignments: pd.DataFrame, settings: BanditSettings,
-                    sweep: pd.DataFrame | None = None) -> ReplayExplorer:
-    """Sliders for α, τ, γ, k and the batch size starting at `settings` (the run's, budget included), above a live
-    read-out and a panel they redraw; `sweep` (an α `replay_sweep`) draws the frontier."""
-    return ReplayExplorer(scores, pool, assignments, settings, sweep)
+                    sweep: pd.DataFrame | None = None, scorer: Any = None) -> ReplayExplorer:
+    """Sliders for α, τ, γ, k and the batch size starting at `settings` (the run's, budget included), above a
+    live read-out and a panel they redraw; `sweep` (an α `replay_sweep`) draws the frontier; `scorer` (the
+    run's CachingScorer) enables the button that scores the documents without a cached score."""
+    return ReplayExplorer(scores, pool, assignments, settings, sweep, scorer)

@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -594,6 +594,22 @@ def cached_fraction(scores: Mapping[str, float] | pd.Series, pool: pd.DataFrame)
     """Fraction of the pool's documents that have a cached score (what a replay can explore)."""
     keys = scores.index if isinstance(scores, pd.Series) else list(scores)
     return float(pool["id"].astype(str).isin(set(map(str, keys))).mean()) if len(pool) else 0.0
+
+
+def complete_scores(scorer: Any, ids: Sequence[str], batch_size: int = 256,
+                    on_batch: Callable[[int, int], None] | None = None) -> pd.Series:
+    """Score the `ids` that `scorer` (a CachingScorer) has no cached score for, `batch_size` at a time,
+    and return every id's score: what a replay needs to explore the whole pool, so that it no longer
+    depends on which documents other steps happened to score (the replay then equals a live run).
+    `on_batch(done, total)` is called after each batch (a progress read-out)."""
+    ids = [str(i) for i in ids]
+    cached = scorer.cached(ids)
+    missing = [i for i in ids if i not in cached]
+    for start in range(0, len(missing), batch_size):
+        scorer.score(missing[start:start + batch_size])
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(missing)), len(missing))
+    return pd.Series(scorer.cached(ids), dtype=np.float64).reindex(ids)
 
 
 def load_rounds(store: RunStore, step: str = ROUNDS_STEP) -> tuple[pd.DataFrame, pd.DataFrame]:
