@@ -297,6 +297,13 @@ def test_released_code_preset_shares_rewards_with_neighbours_and_accepts_runs(se
     negative = {i: v - 1.0 for i, v in truth.items()}  # every arm below the offset: nothing is accepted
     assert run_bandit(pool, assignments, TableScorer(negative), s, progress=False, centroids=centroids).ids == []
     assert BanditSettings(preset="released_code").round_cap == 200
+    # a replay on a cache that lacks every document of cluster 2: its centroid row drops out with it
+    cached = {i: v for i, v in truth.items() if not i.startswith("c02-")}
+    replayed = replay(cached, pool, assignments, settings(**{**vars(s), "max_rounds": 3}), centroids)
+    assert 2 not in set(replayed.arms["cluster"]) and len(replayed.ids) > 0
+    assert replayed.ids == run_bandit(pool[~pool["id"].str.startswith("c02-")], assignments, TableScorer(truth),
+                                      settings(**{**vars(s), "max_rounds": 3}), progress=False,
+                                      centroids=np.delete(centroids, 2, axis=0)).ids
 
 
 def _truth_scorer(pool, truth, cache, n_params=1000):

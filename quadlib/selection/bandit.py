@@ -581,11 +581,17 @@ def replay(scores: Mapping[str, float] | pd.Series, pool: pd.DataFrame, assignme
 
     The pool is restricted to the documents that have a cached score, so a replay with new
     alpha/tau/gamma/k (`overrides`) explores exactly the scored part of the pool (see
-    `cached_fraction`); score the whole pool once for replays identical to live runs. Pass the
+    `cached_fraction`, `complete_scores`); score the whole pool once for replays identical to live runs.
+    `centroids` hold one row per cluster of `pool` (label order); a cluster without any cached score
+    drops out with its row. Pass the
     run's budget in `settings.budget_tokens`: a replay at another budget answers another question.
     """
     lookup = dict(scores.items()) if isinstance(scores, pd.Series) else dict(scores)
     scored_pool = pool[pool["id"].astype(str).isin(lookup)].reset_index(drop=True)
+    if centroids is not None:  # `[n_clusters, d]` of the whole pool's labels: keep the rows of those with a score
+        labels = np.unique(_clusters_of(pool, assignments))
+        if len(centroids) == len(labels):
+            centroids = np.asarray(centroids)[np.isin(labels, _clusters_of(scored_pool, assignments))]
     return run_bandit(scored_pool, assignments, LookupScorer(lookup), replace(settings, **overrides), progress=False,
                       centroids=centroids)
 
