@@ -271,28 +271,16 @@ def cluster_corpus(store: RunStore, settings: ClusterSettings, embed_step: str =
     run interrupted during assignment does not refit. The step's parameters include a digest of the
     pool's ids, so a changed pool is re-clustered instead of reusing stale assignments.
     """
-    algorithm = check_settings(settings)
+    check_settings(settings)
     shards = embedding_shards(store, embed_step, corpus_step)
-    embed_config = store.read_config(embed_step)
-    params = {"cluster": settings, "embed_step": embed_step,
-              "embed_params": embed_config.get("params") if embed_config else None,
-              "ids_sha256": ids_digest([doc_id for shard in shards for doc_id in shard.ids])}
+    params = clustering_params(store, settings, shards, embed_step)
     if store.begin(out_step, params, seed=settings.seed, recompute=recompute):
         return load_quality(store, out_step)
     out = store.step_dir(out_step)
-    n_total = sum(len(shard.ids) for shard in shards)
-
     if not store.is_done(out_step, "centroids"):
-        train_size = min(settings.sample_size, n_total, algorithm.max_train_size or n_total)
-        sample = _gather_rows(shards, _sample_indices(n_total, train_size, settings.seed))  # [m, d]
-        start = perf_counter()
-        centroids = fit_centroids(sample, settings)  # [k, d]
-        fit_seconds = perf_counter() - start
-        with atomic_path(out / "centroids.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, centroids)
-        store.mark_done(out_step, "centroids", {"train_size": train_size, "fit_seconds": fit_seconds})
+        centroids, fit_info = fit_sample_centroids(shards, settings)  # [k, d]
+        save_centroids(store, out_step, centroids, fit_info)
     centroids = np.load(out / "centroids.npy")
-    fit_info = store.done_info(out_step, "centroids")
 
     assigner = ShardAssigner(centroids, settings.spherical, settings.chunk_size, settings.device)
     start = perf_counter()
@@ -303,9 +291,52 @@ def cluster_corpus(store: RunStore, settings: ClusterSettings, embed_step: str =
         distances.append(shard_distances)
     assign_seconds = perf_counter() - start
     labels_all, distances_all = np.concatenate(labels), np.concatenate(distances)  # [n] each
+    return write_clustering(store, settings, shards, labels_all, distances_all, assign_seconds, out_step, corpus_step)
 
+
+def clustering_params(store: RunStore, settings: ClusterSettings, shards: list[EmbeddingShard],
+                      embed_step: str = "embed") -> dict[str, Any]:
+    """The clustering step's parameters: settings, embeddings' provenance and a digest of the pool's ids,
+    so a changed pool is re-clustered instead of reusing stale assignments."""
+    embed_config = store.read_config(embed_step)
+    return {"cluster": settings, "embed_step": embed_step,
+            "embed_params": embed_config.get("params") if embed_config else None,
+            "ids_sha256": ids_digest([doc_id for shard in shards for doc_id in shard.ids])}
+
+
+def fit_sample_centroids(shards: list[EmbeddingShard], settings: ClusterSettings) -> tuple[np.ndarray, dict[str, Any]]:
+    """Centroids `[k, d]` fitted on the seeded sample of the embeddings (capped by the algorithm's
+    limit), and the fit's facts (train_size, fit_seconds). Never holds more than the sample."""
+    algorithm = check_settings(settings)
+    n_total = sum(len(shard.ids) for shard in shards)
+    train_size = min(settings.sample_size, n_total, algorithm.max_train_size or n_total)
+    sample = _gather_rows(shards, _sample_indices(n_total, train_size, settings.seed))  # [m, d]
+    start = perf_counter()
+    centroids = fit_centroids(sample, settings)  # [k, d]
+    return centroids, {"train_size": train_size, "fit_seconds": perf_counter() - start}
+
+
+def save_centroids(store: RunStore, out_step: str, centroids: np.ndarray, fit_info: dict[str, Any]) -> None:
+    """Write `<run>/<out_step>/centroids.npy` `[k, d]` and its own marker (a rerun does not refit)."""
+    with atomic_path(store.step_dir(out_step) / "centroids.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, centroids)
+    store.mark_done(out_step, "centroids", fit_info)
+
+
+def write_clustering(store: RunStore, settings: ClusterSettings, shards: list[EmbeddingShard], labels_all: np.ndarray,
+                     distances_all: np.ndarray, assign_seconds: float, out_step: str = "cluster",
+                     corpus_step: str = "corpus") -> dict[str, Any]:
+    """Write the clustering's artifacts from every document's label and distance (`[n]` each, in shard
+    order) and mark the step done; the centroids must be saved already. Whoever assigned the documents
+    (`cluster_corpus` in one process, or the scale-out's per-shard assign step on an executor), the
+    readers (`load_assignments` ...) find the same files. Returns the quality figures."""
+    out = store.step_dir(out_step)
+    n_total = len(labels_all)
+    fit_info = store.done_info(out_step, "centroids")
     assignments = pd.DataFrame({"id": [doc_id for shard in shards for doc_id in shard.ids],
                                 "cluster": labels_all, "distance": distances_all})
+    if len(assignments) != n_total:
+        raise ValueError(f"{out}: {n_total} labels for {len(assignments)} embedded documents; re-run the assignment")
     sizes = np.bincount(labels_all, minlength=settings.k)  # [k]
     with atomic_path(out / "assignments.parquet") as tmp:
         assignments.to_parquet(tmp, index=False)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats as sps
 
 from quadlib.evaluation.stats import results_table, verdict_sentences
 from quadlib.plots.eval_plots import (
-    comparison_table_figure, cost_gain_figure, estimator_scatter_figure, paired_differences_figure, sweep_figure,
+    comparison_table_figure, cost_gain_figure, paired_differences_figure, sweep_figure,
     task_bars_figure, tradeoff_figure,
 )
 from quadlib.plots.bandit_plots import source_mix_figure
@@ -49,15 +48,6 @@ def test_sweep_figure_groups_and_aggregates_runs() -> None:
     assert fig.layout.yaxis.title.text == "ref_loss (nats per token)"
     with pytest.raises(ValueError, match="missing"):
         sweep_figure(runs, "TAU", "ref_loss")
-
-
-def test_estimator_scatter_joins_by_id_and_reports_correlations() -> None:
-    rng = np.random.default_rng(0)
-    a = pd.DataFrame({"id": [f"d{i}" for i in range(50)], "score": rng.normal(size=50)})
-    b = a.assign(score=a["score"] * 2 + rng.normal(scale=0.5, size=50)).iloc[::-1]  # other order
-    fig = estimator_scatter_figure(a, b, "dot", "kfac_joint_qkv")
-    expected = sps.pearsonr(a["score"], b.set_index("id").loc[a["id"], "score"]).statistic
-    assert f"Pearson {expected:.3f}" in fig.layout.title.text and len(fig.data[0].x) == 50
 
 
 # ---- the verdict's figures -----------------------------------------------------------------------

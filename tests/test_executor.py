@@ -15,8 +15,7 @@ from quadlib.cluster import assign
 from quadlib.embed import EmbedSettings, embed_corpus, embedding_path, load_embeddings
 from quadlib.execution import ExecutorSettings, LocalExecutor, ShardStep, make_executor, read_step_output, shard_is_done
 from quadlib.execution.doc_scorer import influence_scorer_factory
-from quadlib.execution.steps import (AssignStep, DsirFeatureStep, EmbedStep, InfluenceStep, MatesPredictStep,
-                                     PerplexityStep)
+from quadlib.execution.steps import AssignStep, DsirFeatureStep, EmbedStep, InfluenceStep, PerplexityStep
 from quadlib.runstore import RunStore
 
 
@@ -125,25 +124,6 @@ def test_a_killed_driver_resumes_from_finished_shards(store: RunStore, tmp_path:
     assert_exactly_once(store, SlowStep())
 
 
-def test_mates_step_applies_the_fitted_probe_to_every_shard(corpus: RunStore) -> None:
-    from sklearn.linear_model import Ridge
-
-    rng = np.random.default_rng(1)
-    for shard in corpus.shards("corpus"):
-        np.save(embedding_path(corpus, shard), rng.normal(size=(10, 8)).astype(np.float32))
-    vectors = np.concatenate([np.load(embedding_path(corpus, s)) for s in corpus.shards("corpus")])
-    probe = Ridge(alpha=1.0).fit(vectors[:20], rng.normal(size=20))
-    step = MatesPredictStep(probe, model_id="ridge-test")
-    LocalExecutor().run(step, corpus)
-    got, expected = read_step_output(corpus, step)["prediction"].to_numpy(), probe.predict(vectors)
-    # float32 dot products of d terms, summed in any order: |error| <= d * eps32 * (|x| . |w| + |b|) per row
-    d, eps = vectors.shape[1], float(np.finfo(np.float32).eps)
-    bound = (d + 1) * eps * (np.abs(vectors) @ np.abs(probe.coef_) + abs(probe.intercept_))  # [n_docs]
-    assert np.all(np.abs(got - expected) <= bound), np.max(np.abs(got - expected) / bound)
-    # and the bound is tight enough to catch a wrong row order or a dropped shard
-    assert np.all(bound < 1e-4 * np.abs(expected).mean())
-
-
 def test_proxy_steps_equal_the_influence_scorer_and_the_probe(corpus: RunStore, tmp_path: Path) -> None:
     """Perplexity and influence through the executor are the modules' own numbers (no second path)."""
     from quadlib.influence.estimators import make_estimator
@@ -178,16 +158,24 @@ def test_proxy_steps_equal_the_influence_scorer_and_the_probe(corpus: RunStore, 
     np.testing.assert_allclose(actor_scorer(texts[:8]), expected_scores[:8], rtol=1e-4, atol=1e-6)
 
 
-def test_scaleout_command_embeds_fits_cluster_corpus_centroids_and_assigns(corpus: RunStore) -> None:
-    from quadlib.cluster import ClusterSettings, cluster_corpus, load_assignments, load_centroids
-    from quadlib.execution.scaleout import load_pool_assignments, main
+def test_scaleout_writes_the_clustering_cluster_corpus_writes(corpus: RunStore) -> None:
+    """The scale-out's assign step ends in `<run>/cluster/`, the files every reader of the clustering
+    uses (notebook 03, `quad select`), equal to what `cluster_corpus` makes from the same embeddings."""
+    from quadlib.cluster import ClusterSettings, cluster_corpus, load_assignments, load_centroids, load_sizes
+    from quadlib.execution.scaleout import main
 
     main(["--run", str(corpus.root), "--steps", "embed", "assign", "--k", "3", "--executor", "local"])
-    cluster_corpus(corpus, ClusterSettings(k=3))  # the single-machine step on the same embeddings
-    assert np.array_equal(np.load(corpus.root / "cluster-centroids" / "centroids.npy"), load_centroids(corpus))
-    ours = load_pool_assignments(corpus)
-    assert ours["id"].tolist() == load_assignments(corpus)["id"].tolist()
-    assert ours["cluster"].tolist() == load_assignments(corpus)["cluster"].tolist()
+    ours = load_assignments(corpus)  # read from the one path
+    cluster_corpus(corpus, ClusterSettings(k=3), out_step="cluster-single")  # the single-machine step
+    theirs = load_assignments(corpus, "cluster-single")
+    pd.testing.assert_frame_equal(ours, theirs)
+    assert ours["cluster"].nunique() > 1 and len(ours) == 40
+    assert np.array_equal(load_centroids(corpus), load_centroids(corpus, "cluster-single"))
+    pd.testing.assert_frame_equal(load_sizes(corpus), load_sizes(corpus, "cluster-single"))
+    # the same parameters: cluster_corpus with the scale-out's settings reuses the published clustering
+    before = (corpus.root / "cluster" / "assignments.parquet").stat().st_mtime_ns
+    cluster_corpus(corpus, ClusterSettings(k=3))
+    assert (corpus.root / "cluster" / "assignments.parquet").stat().st_mtime_ns == before
 
 
 def test_the_local_executor_never_imports_ray() -> None:

@@ -19,7 +19,6 @@ from quadlib.influence.kfac import DampedKroneckerInverse, FactorAccumulator, Kr
 from quadlib.influence.layers import GROUPS, LayerPart, TrackedLayer, discover_layers, layer_gradient
 from quadlib.influence import loss as influence_loss
 from quadlib.influence.loss import Batch, sample_labels, summed_token_loss
-from quadlib.influence.projection import GradientProjector, ProjectionSettings
 from quadlib.influence.toy import random_batch, tiny_gpt2, tiny_llama
 from quadlib.proxy.loss import document_losses
 
@@ -153,41 +152,6 @@ def test_joint_and_independent_qkv_differ(layout: str) -> None:
     assert len([layer for layer in independent.layers if layer.group == "attn_qkv_independent"]) == 3 * len(joint_qkv)
     batch = _doc_batch()
     assert not torch.allclose(joint.score(model, batch), independent.score(model, batch), rtol=1e-3)
-
-
-def test_projected_scores_converge_to_unprojected() -> None:
-    model = tiny_llama()
-    estimator = _fitted(model, "kfac_joint_qkv")
-    batches = [random_batch(8, 8, VOCAB, seed=s) for s in (40, 41, 42)]
-    exact = torch.cat([estimator.score(model, b) for b in batches]).numpy()
-    correlations = []
-    for dim in (4, 64, 16384):  # k_out = k_in = 128 at the last: sketch error ~ 1/k per factor
-        per_seed = []
-        for seed in range(3):
-            projector = GradientProjector(estimator.layers, ProjectionSettings(dim_per_layer=dim, seed=seed))
-            direction = projector.project_direction(estimator.direction)
-            sketches = torch.cat([projector.project_documents(model, b) for b in batches])
-            per_seed.append(np.corrcoef(exact, (sketches @ direction).numpy())[0, 1])
-        correlations.append(float(np.mean(per_seed)))
-    assert correlations[0] < correlations[1] < correlations[2], correlations
-    assert correlations[2] > 0.9, correlations
-
-
-def test_preconditioned_projection_is_consistent() -> None:
-    """Sketching P grad_z and taking the inner product with the sketched raw reference gradient."""
-    model = tiny_gpt2()
-    estimator = _fitted(model, "kfac_joint_qkv")
-    batch = _doc_batch()
-    projector = GradientProjector(estimator.layers, ProjectionSettings(dim_per_layer=4096, kind="gaussian"))
-    plain, preconditioned = projector.project_documents(model, batch), projector.project_documents(
-        model, batch, precondition=estimator.precondition)
-    raw_dot = make_estimator("dot")
-    raw_dot.fit(model, [])
-    raw_dot.set_reference(model, _ref_batches())
-    assert np.corrcoef((plain @ projector.project_direction(raw_dot.direction)).numpy(),
-                       raw_dot.score(model, batch).numpy())[0, 1] > 0.9
-    assert np.corrcoef((preconditioned @ projector.project_direction(raw_dot.direction)).numpy(),
-                       estimator.score(model, batch).numpy())[0, 1] > 0.9
 
 
 @pytest.mark.parametrize("layout", sorted(MODELS))

@@ -7,8 +7,9 @@
 The corpus must be ingested first (`quadlib.corpus.ingest`, one shard per unit of parallel work).
 Centroids are fitted on the driver on a seeded sample of the embeddings (the sample
 `quadlib.cluster.cluster_corpus` draws, so the centroids are the same) and broadcast to the assign
-workers; at 600M documents the driver never holds more than that sample. Every step resumes from its
-finished shards, with either executor.
+workers; at 600M documents the driver never holds more than that sample. The assigned shards are then
+gathered into `<run>/cluster/`, the files `cluster_corpus` writes, which every reader of the clustering
+uses. Every step resumes from its finished shards, with either executor.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from quadlib.cluster import ClusterSettings, fit_centroids
-from quadlib.embed import EmbedSettings
+from quadlib.cluster import (ClusterSettings, clustering_params, fit_sample_centroids, load_quality, save_centroids,
+                             write_clustering)
+from quadlib.embed import EmbedSettings, embedding_shards
 from quadlib.execution.executors import ExecutorSettings, StepRun, make_executor
 from quadlib.execution.ray_cluster import RaySettings
 from quadlib.execution.step import ShardStep, read_step_output
 from quadlib.execution.steps import AssignStep, DsirFeatureStep, EmbedStep, InfluenceStep, PerplexityStep
-from quadlib.runstore import RunStore, atomic_path
+from quadlib.runstore import RunStore
 from quadlib.settings import setting
 
 CENTROIDS_STEP = "cluster-centroids"
@@ -49,21 +50,38 @@ class ScaleOutSettings:
 
 
 def fit_pool_centroids(store: RunStore, settings: ClusterSettings, embed_step: str = "embed") -> np.ndarray:
-    """Centroids `[k, d]` fitted on `cluster_corpus`'s seeded sample; stored once, reused on reruns."""
-    from quadlib.cluster import _gather_rows, _sample_indices  # the same sample as cluster_corpus
-    from quadlib.embed import embedding_shards
-
+    """Centroids `[k, d]` fitted on `cluster_corpus`'s seeded sample (`quadlib.cluster.fit_sample_centroids`);
+    stored once, reused on reruns."""
     path = store.step_dir(CENTROIDS_STEP) / "centroids.npy"
-    if store.begin(CENTROIDS_STEP, {"cluster": settings, "embed_step": embed_step}, seed=settings.seed):
-        return np.load(path)
     shards = embedding_shards(store, embed_step)
-    n_total = sum(len(shard.ids) for shard in shards)
-    sample = _gather_rows(shards, _sample_indices(n_total, min(settings.sample_size, n_total), settings.seed))
-    centroids = fit_centroids(sample, settings)  # [k, d]
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, centroids)
-    store.mark_done(CENTROIDS_STEP, info={"train_size": len(sample)})
+    if store.begin(CENTROIDS_STEP, clustering_params(store, settings, shards, embed_step), seed=settings.seed):
+        return np.load(path)
+    centroids, fit_info = fit_sample_centroids(shards, settings)  # [k, d]
+    save_centroids(store, CENTROIDS_STEP, centroids, fit_info)
+    store.mark_done(CENTROIDS_STEP, info=fit_info)
     return centroids
+
+
+def publish_clustering(store: RunStore, settings: ClusterSettings, run: StepRun | None = None,
+                       embed_step: str = "embed", out_step: str = "cluster") -> dict:
+    """Gather the assign step's shards into `<run>/cluster/` (assignments.parquet, centroids.npy,
+    sizes.parquet, quality.json), the files `quadlib.cluster.cluster_corpus` writes, under the same
+    parameters: every reader (`load_assignments`, notebook 03, `quad select`) finds one path, and
+    `cluster_corpus` with the same settings reuses it. Returns the quality figures."""
+    shards = embedding_shards(store, embed_step)
+    with store.lock(out_step):
+        if store.begin(out_step, clustering_params(store, settings, shards, embed_step), seed=settings.seed):
+            return load_quality(store, out_step)
+        centroids = np.load(store.root / CENTROIDS_STEP / "centroids.npy")  # [k, d]
+        save_centroids(store, out_step, centroids, store.done_info(CENTROIDS_STEP, "centroids"))
+        frame = read_step_output(store, AssignStep(centroids, spherical=settings.spherical, embed_step=embed_step))
+        ids = [doc_id for shard in shards for doc_id in shard.ids]
+        if frame["id"].tolist() != ids:
+            raise ValueError(f"{store.root / 'cluster-assign'}: the assigned ids differ from the embedded ids of "
+                             f"{store.root / embed_step}; re-run the scale-out's assign step")
+        seconds = sum(r.seconds for r in run.processed) if run is not None else 0.0  # worker-seconds of this run
+        return write_clustering(store, settings, shards, frame["cluster"].to_numpy(), frame["distance"].to_numpy(),
+                                seconds, out_step)
 
 
 def _proxy_dir(settings: ScaleOutSettings, step: str) -> str:
@@ -77,16 +95,6 @@ def _influence_step(store: RunStore, settings: ScaleOutSettings) -> ShardStep:
         raise ValueError("the influence step needs estimator_state (--estimator-state .../estimator.safetensors)")
     return InfluenceStep(_proxy_dir(settings, "influence"), settings.estimator_state, estimator=settings.estimator,
                          max_length=settings.max_length)
-
-
-def load_pool_assignments(store: RunStore, settings: ClusterSettings | None = None) -> pd.DataFrame:
-    """Columns id, cluster, distance for the whole pool, from the assign step's shards (the
-    scale-out counterpart of `quadlib.cluster.load_assignments`, for the bandit)."""
-    settings = settings or ClusterSettings()
-    path = store.root / CENTROIDS_STEP / "centroids.npy"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; run the scale-out 'assign' step first")
-    return read_step_output(store, AssignStep(np.load(path), spherical=settings.spherical))
 
 
 StepFactory = Callable[[RunStore, ScaleOutSettings], ShardStep]
@@ -108,7 +116,12 @@ def run_scaleout(store: RunStore, settings: ScaleOutSettings) -> dict[str, StepR
     if unknown:
         raise ValueError(f"unknown scale-out step(s) {unknown}; known: {sorted(SCALEOUT_STEPS)}")
     executor = make_executor(settings.executor)
-    return {name: executor.run(SCALEOUT_STEPS[name](store, settings), store) for name in settings.steps}
+    runs = {}
+    for name in settings.steps:
+        runs[name] = executor.run(SCALEOUT_STEPS[name](store, settings), store)
+        if name == "assign":  # the readers' one path: <run>/cluster/, as cluster_corpus writes it
+            publish_clustering(store, settings.cluster, runs[name])
+    return runs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

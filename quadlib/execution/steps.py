@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -115,27 +115,6 @@ class AssignStep(EmbeddingShardStep):
         return pd.DataFrame({"id": batch["id"], "cluster": labels, "distance": distances})
 
 
-class Predictor(Protocol):
-    def predict(self, vectors: np.ndarray) -> np.ndarray: ...
-
-
-class MatesPredictStep(EmbeddingShardStep):
-    """MATES's data-influence predictions for the whole pool (Yu et al. 2024): the fitted model
-    (`quadlib.selection.methods.mates`, a ridge probe on embeddings) applied shard by shard."""
-
-    def __init__(self, model: Predictor, *, model_id: str, embed_step: str = "embed", corpus_step: str = "corpus",
-                 name: str = "mates-predict", resources: Resources = Resources()) -> None:
-        self.model, self.model_id = model, model_id
-        self.embed_step, self.input_step, self.name, self.resources = embed_step, corpus_step, name, resources
-
-    def params(self, store: RunStore) -> dict[str, Any]:
-        return {"model_id": self.model_id, "embed_params": upstream_params(store, self.embed_step)}
-
-    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
-        predicted = np.asarray(self.model.predict(self.vectors(batch)), dtype=np.float64)  # [B]
-        return pd.DataFrame({"id": batch["id"], "prediction": predicted})
-
-
 class ProxyModelStep(ShardStep):
     """A step holding the warmed-up proxy (`<run>/proxy/model`, `quadlib.proxy`), loaded once per worker."""
 
@@ -160,32 +139,39 @@ class ProxyModelStep(ShardStep):
 
 
 class PerplexityStep(ProxyModelStep):
-    """Mean token loss of every document under the proxy (the PPL baseline's score), through
-    `quadlib.selection.probes.HFProbeModel.doc_losses`."""
+    """Mean token loss of every document under the proxy (the PPL baseline's score): the one framing
+    and loss of `quadlib.proxy` (`document_batches`, `document_losses`), as the PPL selector's
+    `HFProbeModel.doc_losses` computes it."""
 
-    worker_state = ("probe",)
+    worker_state = ("model", "tokenizer")
 
     def __init__(self, model_dir: str | Path, *, max_length: int = 256, batch_size: int = 16,
                  device: str | None = None, corpus_step: str = "corpus", name: str = "perplexity",
                  resources: Resources = Resources()) -> None:
         super().__init__(model_dir, max_length=max_length, batch_size=batch_size, device=device,
                          corpus_step=corpus_step, name=name, resources=resources)
-        self.probe: Any = None
+        self.model: Any = None
+        self.tokenizer: Any = None
 
     def params(self, store: RunStore) -> dict[str, Any]:
         return self.proxy_params(store)
 
     def setup(self) -> None:
-        from quadlib.selection.probes import HFProbeModel
-
-        if self.probe is None:
-            model, tokenizer = self.load_proxy()
-            # doc_losses never reads the reference; the probe only insists on having one
-            self.probe = HFProbeModel(model, tokenizer, [""], max_length=self.max_length,
-                                      batch_size=self.batch_size, device=self.device)
+        if self.model is None:
+            self.model, self.tokenizer = self.load_proxy()
 
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame({"id": batch["id"], "loss": self.probe.doc_losses(batch["text"].tolist())})
+        import torch
+
+        from quadlib.proxy import document_batches, document_losses
+
+        device = next(self.model.parameters()).device
+        losses = []
+        with torch.no_grad():
+            for docs in document_batches(self.tokenizer, batch["text"].tolist(), self.max_length, self.batch_size):
+                docs = {k: v.to(device) for k, v in docs.items()}
+                losses.append(document_losses(self.model, docs).float().cpu().numpy())  # [B]
+        return pd.DataFrame({"id": batch["id"], "loss": np.concatenate(losses).astype(np.float64)})
 
 
 class InfluenceStep(ProxyModelStep):

@@ -1,1 +1,1 @@
-"""Influence of pretraining documents on a reference loss: estimators, projection, scorer."""
+"""Influence of pretraining documents on a reference loss: estimators and the scorer."""

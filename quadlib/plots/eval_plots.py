@@ -1,6 +1,6 @@
 """Figures and tables of the evaluation report (notebook 05_evaluate): method comparison with cost,
-per-task accuracy with spreads over seeds, metric against a swept ablation parameter, the
-agreement of two influence estimators, and the verdict's figures (trade-off with the Pareto front,
+per-task accuracy with spreads over seeds, metric against a swept ablation parameter, and the
+verdict's figures (trade-off with the Pareto front,
 cost against gain over Random, paired differences per task with intervals).
 
 Inputs are the tidy frames of `quadlib.evaluation.stats` (method, seed, metric, value; the
@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
-from scipy import stats as sps
 
 from quadlib.evaluation.stats import higher_is_better, pareto_front, summarize
 from quadlib.plots.palette import BASELINE, method_color, method_order
@@ -93,27 +92,6 @@ def sweep_figure(results: pd.DataFrame, param: str, metric: str, group: str | No
                                  error_y={"type": "data", "array": stats["std"].fillna(0.0)}))
     fig.update_layout(title=title or f"{metric} against {param}", xaxis_title=param, yaxis_title=axis_title(metric),
                       xaxis_type="log" if log_x else None)
-    return fig
-
-
-def estimator_scatter_figure(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str,
-                             color: pd.Series | None = None) -> go.Figure:
-    """Scores of two estimators on the same documents (frames with `id, score`), joined by id;
-    the title gives Pearson and Spearman correlations. `color` (indexed by id) tints the points."""
-    _require(a, ("id", "score"), "estimator_scatter_figure (first)")
-    _require(b, ("id", "score"), "estimator_scatter_figure (second)")
-    joined = a[["id", "score"]].merge(b[["id", "score"]], on="id", suffixes=("_a", "_b")).dropna()
-    if len(joined) < 2:
-        raise ValueError(f"{name_a} and {name_b} share {len(joined)} scored documents; at least 2 are needed")
-    pearson = sps.pearsonr(joined["score_a"], joined["score_b"]).statistic
-    spearman = sps.spearmanr(joined["score_a"], joined["score_b"]).statistic
-    marker = {"size": 5, "opacity": 0.7}
-    if color is not None:
-        marker |= {"color": color.reindex(joined["id"]).to_numpy(), "colorscale": "Viridis", "showscale": True}
-    fig = go.Figure(go.Scattergl(x=joined["score_a"], y=joined["score_b"], mode="markers", marker=marker,
-                                 text=joined["id"], hovertemplate="%{text}<br>%{x:.3g}, %{y:.3g}<extra></extra>"))
-    fig.update_layout(title=f"{name_b} vs {name_a} on {len(joined)} documents: Pearson {pearson:.3f}, "
-                            f"Spearman {spearman:.3f}", xaxis_title=name_a, yaxis_title=name_b)
     return fig
 
 
