@@ -1,7 +1,8 @@
-"""Command line: `quad make-data`, `quad demo`, `quad report` (`python -m quadlib.cli ...`).
+"""Command line: `quad make-data | ingest | scale | select | evaluate | demo | report` (`python -m quadlib.cli ...`).
 
 Building the parser imports no torch, numpy or pandas (`quad --help` answers at once): each command
-imports what it needs when it runs, and `quad scale` builds its options when it is called.
+imports what it needs when it runs, and `quad scale`, `quad select` and `quad evaluate` build their
+options (generated from the settings dataclasses, `quadlib.settings.add_options`) when they are called.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from quadlib.reports import NOTEBOOKS, REPO_ROOT, build_report, run_notebooks
 DEFAULT_POOL = "data/synthetic/pool.jsonl.gz"
 DEFAULT_REFERENCE = "data/synthetic/reference.jsonl.gz"
 SCALE_HELP = "run per-shard steps on the local or the Ray executor (docs/scale.md)"
+SELECT_HELP = "make every method's selection and export from an ingested run, on the local or the Ray executor"
+SELECT_DETAILS = ("Whatever the run lacks is made first: embeddings and clusters (as `quad scale --steps embed "
+                  "assign`), the warmed-up proxy, the influence scorer. Writes what notebook 03 writes: "
+                  "<run>/select-<method>/ and its export.")
+EVALUATE_HELP = ("train a model on every selection of a run, for each seed, and evaluate it "
+                 "(notebook 05's training and measurements)")
 
 
 def demo_parameters(run: str, pool: str, reference: str, seed: int, *, eval_dir: str | None = None,
@@ -101,9 +108,117 @@ def cmd_scale(args: argparse.Namespace) -> None:
 
     parser = argparse.ArgumentParser(prog="quad scale", description=SCALE_HELP)
     add_arguments(parser)
-    args = parser.parse_args(args.scale_args)
+    args = parser.parse_args(args.deferred_args)
     for name, run in run_scaleout(RunStore(args.run), settings_from_args(args)).items():
         print(f"{name}: {len(run.processed)} shards processed ({run.rows} documents), {run.skipped} already done")
+
+
+def select_parser() -> argparse.ArgumentParser:
+    """`quad select`'s options, generated from the settings dataclasses (imports the library: built
+    only when the command runs)."""
+    from quadlib.cluster import ClusterSettings
+    from quadlib.embed import EmbedSettings
+    from quadlib.execution import ExecutorSettings
+    from quadlib.pipeline import ProxySettings, ScoreSettings, SelectSettings
+    from quadlib.selection import SELECTORS
+    from quadlib.settings import add_options
+
+    parser = argparse.ArgumentParser(prog="quad select", description=SELECT_HELP + ". " + SELECT_DETAILS)
+    parser.add_argument("--run", required=True, help="run folder made by `quad ingest` (and `quad scale`) or the "
+                                                     "notebooks; its finished steps are reused")
+    add_options(parser, SelectSettings, title="selection")
+    add_options(parser, ExecutorSettings, title="executor")
+    add_options(parser, EmbedSettings, prefix="embed-", title="embeddings (made when the run has none)")
+    add_options(parser, ClusterSettings, prefix="cluster-", title="clusters (made when the run has none)")
+    add_options(parser, ProxySettings, prefix="proxy-", title="proxy warm-up (when the run has no proxy)")
+    add_options(parser, ScoreSettings, prefix="score-", skip=("estimator",),
+                title="influence scorer (fitted when the run has none; else the run's is used)")
+    for name, cls in SELECTORS.items():
+        add_options(parser, cls.settings_type, prefix=f"{name.replace('_', '-')}-", defaults=cls().settings,
+                    title=f"method {name} (used when --methods names it)")
+    return parser
+
+
+def method_overrides(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per method, the settings given on the command line that differ from the method's defaults."""
+    from dataclasses import fields
+
+    from quadlib.selection import SELECTORS
+    from quadlib.settings import settings_from_options
+
+    overrides = {}
+    for name in methods:
+        default = SELECTORS[name]().settings
+        chosen = settings_from_options(type(default), args, prefix=f"{name.replace('_', '-')}-", defaults=default)
+        overrides[name] = {f.name: getattr(chosen, f.name) for f in fields(chosen)
+                           if getattr(chosen, f.name) != getattr(default, f.name)}
+    return overrides
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from quadlib.cluster import ClusterSettings
+    from quadlib.embed import EmbedSettings
+    from quadlib.execution import ExecutorSettings
+    from quadlib.pipeline import ProxySettings, ScoreSettings, SelectSettings, check_methods, select_run
+    from quadlib.runstore import RunStore
+    from quadlib.settings import settings_from_options
+
+    args = select_parser().parse_args(args.deferred_args)
+    select = settings_from_options(SelectSettings, args)
+    check_methods(select.methods)
+    summary = select_run(RunStore(args.run), select, method_overrides(args, select.methods),
+                         executor=settings_from_options(ExecutorSettings, args),
+                         proxy=settings_from_options(ProxySettings, args, prefix="proxy-"),
+                         score=settings_from_options(ScoreSettings, args, prefix="score-"),
+                         embed=settings_from_options(EmbedSettings, args, prefix="embed-"),
+                         cluster=settings_from_options(ClusterSettings, args, prefix="cluster-"))
+    print(summary.to_string(index=False))
+    print(f"[quad] selections in {Path(args.run).resolve()}/select-<method>/ (selected.parquet, manifest.json)")
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    """`quad evaluate`'s options, generated from the settings dataclasses."""
+    from quadlib.evaluation.train_eval import EvalSettings
+    from quadlib.execution import ExecutorSettings
+    from quadlib.pipeline import EVALUATE_TRAIN, EvaluateSettings
+    from quadlib.proxy import TrainSettings
+    from quadlib.settings import add_options
+
+    parser = argparse.ArgumentParser(prog="quad evaluate", description=EVALUATE_HELP)
+    parser.add_argument("--run", required=True, help="run folder holding the selections (`quad select`)")
+    add_options(parser, EvaluateSettings, title="evaluation")
+    add_options(parser, ExecutorSettings, title="executor (scores the re-made selections)")
+    add_options(parser, TrainSettings, prefix="train-", defaults=EVALUATE_TRAIN,
+                title="training, the same for every method and seed")
+    add_options(parser, EvalSettings, prefix="eval-", title="measurements")
+    return parser
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from quadlib.evaluation.train_eval import EvalSettings
+    from quadlib.execution import ExecutorSettings
+    from quadlib.pipeline import EVALUATE_TRAIN, EvaluateSettings, evaluate_run
+    from quadlib.proxy import TrainSettings
+    from quadlib.runstore import RunStore
+    from quadlib.settings import settings_from_options
+
+    args = evaluate_parser().parse_args(args.deferred_args)
+    options = settings_from_options(EvaluateSettings, args)
+    records = evaluate_run(RunStore(args.run), options.seeds,
+                           settings_from_options(TrainSettings, args, prefix="train-", defaults=EVALUATE_TRAIN),
+                           settings_from_options(EvalSettings, args, prefix="eval-"), estimator=options.estimator,
+                           executor=settings_from_options(ExecutorSettings, args), from_scratch=options.from_scratch,
+                           methods=options.methods)
+    print(f"[quad] {len(records)} trained models evaluated; metrics under {Path(args.run).resolve()}/eval/")
+
+
+def _deferred(sub: Any, name: str, help_text: str, func: Any) -> None:
+    """A subcommand whose options are parsed by `func` itself (so building them imports the library
+    only when it runs): prefix "+" makes "--run" and "--help" plain words to this parser."""
+    parser = sub.add_parser(name, help=help_text + f"; `quad {name} --help` lists its options", add_help=False,
+                            prefix_chars="+")
+    parser.add_argument("deferred_args", nargs="*")
+    parser.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,11 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "without it they are only reported")
     ing.set_defaults(func=cmd_ingest)
 
-    # its options are parsed by cmd_scale: prefix "+" makes "--run" and "--help" plain words to this parser
-    scale = sub.add_parser("scale", help=SCALE_HELP + "; `quad scale --help` lists its options", add_help=False,
-                           prefix_chars="+")
-    scale.add_argument("scale_args", nargs="*")
-    scale.set_defaults(func=cmd_scale)
+    _deferred(sub, "scale", SCALE_HELP, cmd_scale)
+    _deferred(sub, "select", SELECT_HELP, cmd_select)
+    _deferred(sub, "evaluate", EVALUATE_HELP, cmd_evaluate)
 
     data = sub.add_parser("make-data", help="regenerate the default synthetic data")
     data.add_argument("--out", default="data/synthetic")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +248,158 @@ def sample_per_cluster(assignments: pd.DataFrame, n: int, seed: int) -> pd.DataF
     parts = [group.iloc[np.sort(rng.choice(len(group), size=min(n, len(group)), replace=False))]
              for _, group in assignments.sort_values(["cluster", "id"]).groupby("cluster")]
     return pd.concat(parts, ignore_index=True)
+
+
+# -- the pipeline from a run folder, for `quad select` and `quad evaluate` ---------------------------------
+@dataclass
+class SelectSettings:
+    """What `quad select` makes: every method at one budget and seed (notebook 03's plan)."""
+
+    methods: list[str] = setting(["random", "quad"], "selection methods, keys of quadlib.selection.SELECTORS")
+    budget_fraction: float = setting(0.1, "token budget as a fraction of the pool's tokens, the same for every method")
+    estimator: str = setting("kfac_joint_qkv", "the influence scorer the selectors use; when the run has no fitted "
+                             "scorer yet, it is fitted with the --score-* settings")
+    seed: int = setting(0, "seed of every method's selection")
+
+
+@dataclass
+class EvaluateSettings:
+    """What `quad evaluate` trains and measures (notebook 05's first half)."""
+
+    seeds: list[int] = setting([0, 1, 2], "training seeds; each seed re-makes every selection with that seed first")
+    methods: list[str] | None = setting(None, "methods to evaluate (None: every selection the run holds)")
+    estimator: str = setting("kfac_joint_qkv", "the influence scorer the selections were made with")
+    from_scratch: bool = setting(False, "train from a fresh initialisation instead of the warm-up checkpoint")
+
+
+# notebook 05's training settings: every method's model trains on the same number of tokens
+EVALUATE_TRAIN = TrainSettings(token_budget=20_000, batch_size=8, block_size=128, warmup_steps=2)
+
+
+def fitted_scorer(store: RunStore, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                  settings: ScoreSettings) -> tuple[InfluenceScorer, CachingScorer]:
+    """The scorer of `settings.estimator` the run already fitted (`load_scorer`: notebook 02's settings),
+    else one fitted now with `settings`."""
+    if any((p / "config.json").exists() for p in (store.root / INFLUENCE_STEP).glob("*-*")):
+        return load_scorer(store, model, tokenizer, settings.estimator)
+    return prepare_scorer(store, model, tokenizer, settings)
+
+
+def ensure_clusters(store: RunStore, executor: Any, embed: Any, cluster: Any) -> None:
+    """Embed and cluster the pool on `executor` (`quadlib.execution`) unless the run holds a clustering
+    (made by 01_cluster or `quad scale --steps embed assign`); both write `<run>/cluster/`."""
+    from quadlib.execution.scaleout import ScaleOutSettings, run_scaleout
+
+    store.require_done("corpus", "quad select (run `quad ingest` first)")
+    steps = [s for s, done in (("embed", store.is_done("embed")), ("assign", store.is_done("cluster"))) if not done]
+    if steps:
+        run_scaleout(store, ScaleOutSettings(steps=steps, executor=executor, embed=embed, cluster=cluster))
+
+
+def ray_scorer(store: RunStore, influence: InfluenceScorer, cached: CachingScorer, ray: Any) -> CachingScorer:
+    """`cached` with its scoring on Ray actors (`quadlib.execution.doc_scorer`): each actor loads the
+    proxy and the fitted estimator once; a round's documents go out in the batches `influence` forms,
+    so scores, cache file and selections are those of the local path."""
+    from quadlib.execution.doc_scorer import influence_partition, influence_scorer_factory, ray_doc_scorer
+    from quadlib.execution.steps import InfluenceStep
+
+    folder = Path(cached.cache.path).parent
+    score = json.loads((folder / "config.json").read_text(encoding="utf-8"))["params"]["score"]
+    step = InfluenceStep(store.root / "proxy" / "model", folder / "estimator.safetensors",
+                         estimator=score["estimator"], preset=score["preset"], max_length=influence.max_length,
+                         batch_size=influence.batch_size)
+    return ray_doc_scorer(influence_scorer_factory(step), cached.texts, cached.n_tokens, cached.cache, ray,
+                          n_params=cached.n_params, passes=cached.passes, run_root=store.root,
+                          partition=influence_partition(influence))
+
+
+@dataclass
+class RunParts:
+    """What the selectors need from a run folder (`run_context`): the context, the proxy, and `close`,
+    which stops the Ray scoring actors (a no-op on the local executor)."""
+
+    ctx: SelectionContext
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    close: Any = None
+
+    def stop(self) -> None:
+        if self.close is not None:
+            self.close()
+
+
+def run_context(store: RunStore, estimator: str, seed: int, executor: Any, proxy: ProxySettings | None = None,
+                score: ScoreSettings | None = None) -> RunParts:
+    """Notebook 03's context from the run folder, fitting a missing proxy or scorer; with the Ray
+    executor (`executor.executor == "ray"`) the scorer's work runs on actors."""
+    if not store.is_done("proxy"):
+        prepare_proxy(store, proxy or ProxySettings())
+    model, tokenizer = load_proxy(store)  # the saved proxy, in eval mode, as every later call loads it
+    influence, scorer = fitted_scorer(store, model, tokenizer, replace(score or ScoreSettings(), estimator=estimator))
+    close = None
+    if executor.executor == "ray":
+        scorer = ray_scorer(store, influence, scorer, executor.ray)
+        close = scorer.score_texts.close
+    return RunParts(selection_context(store, scorer, model, tokenizer, seed=seed), model, tokenizer, close)
+
+
+def check_methods(methods: list[str]) -> None:
+    """Refuse an unknown method before any work starts."""
+    from quadlib.selection import SELECTORS
+
+    unknown = [m for m in methods if m not in SELECTORS]
+    if unknown:
+        raise ValueError(f"unknown selection method(s) {unknown}; known: {sorted(SELECTORS)}")
+
+
+def select_run(store: RunStore, select: SelectSettings, method_settings: dict[str, dict[str, Any]] | None = None,
+               *, executor: Any = None, proxy: ProxySettings | None = None, score: ScoreSettings | None = None,
+               embed: Any = None, cluster: Any = None) -> pd.DataFrame:
+    """`quad select`: from an ingested run (or one the notebooks made), fit what is missing (embeddings and
+    clusters on `executor`, the proxy, the scorer) and make every method's selection with `run_selections`,
+    writing what notebook 03 writes (`select-<method>/`, its export). `executor` is a
+    `quadlib.execution.ExecutorSettings` (default local)."""
+    from quadlib.cluster import ClusterSettings
+    from quadlib.embed import EmbedSettings
+    from quadlib.execution import ExecutorSettings
+
+    check_methods(select.methods)
+    executor = executor or ExecutorSettings()
+    ensure_clusters(store, executor, embed or EmbedSettings(), cluster or ClusterSettings())
+    parts = run_context(store, select.estimator, select.seed, executor, proxy, score)
+    try:
+        budget = int(select.budget_fraction * parts.ctx.pool["n_tokens"].sum())
+        plan = SelectionPlan(methods=list(select.methods), budget_tokens=budget,
+                             method_settings={m: (method_settings or {}).get(m, {}) for m in select.methods})
+        return run_selections(store, parts.ctx, plan)
+    finally:
+        parts.stop()
+
+
+def selected_methods(store: RunStore) -> list[str]:
+    """The methods whose selection the run holds (`run_selections`' markers), in the registry's order."""
+    from quadlib.selection import SELECTORS
+
+    return [m for m in SELECTORS if store.is_done(f"selections/{m}")]
+
+
+def evaluate_run(store: RunStore, seeds: list[int], train: TrainSettings, evaluation: Any, *,
+                 estimator: str = "kfac_joint_qkv", executor: Any = None, from_scratch: bool = False,
+                 methods: list[str] | None = None, **train_options: Any) -> list[dict[str, Any]]:
+    """`quad evaluate`, notebook 05's first half: re-make every selection with each seed
+    (`select_for_seeds`, scored on `executor`), then train and evaluate them all
+    (`quadlib.evaluation.train_eval.evaluate_selections`, `train_options` passed through).
+    Returns its records."""
+    from quadlib.evaluation.train_eval import evaluate_selections
+    from quadlib.execution import ExecutorSettings
+
+    methods = methods or selected_methods(store)
+    if not methods:
+        raise FileNotFoundError(f"{store.root}: no selection to evaluate; run `quad select --run {store.root}` first")
+    parts = run_context(store, estimator, seeds[0], executor or ExecutorSettings())
+    try:
+        select_for_seeds(store, parts.ctx.scorer, parts.model, parts.tokenizer, methods, seeds)
+    finally:
+        parts.stop()
+    return evaluate_selections(store, methods, store.root / "proxy" / "model", parts.tokenizer, train, seeds,
+                               evaluation, from_scratch=from_scratch, **train_options)

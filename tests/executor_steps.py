@@ -24,6 +24,15 @@ from quadlib.execution.step import ShardStep, read_step_output
 from quadlib.runstore import RunStore
 
 HERE = Path(__file__).resolve().parent
+DATA = HERE.parent / "data" / "synthetic"
+# `quad select` on a tiny run: embeddings, 4 clusters, test-llama warmed up 4 steps, a scorer fitted on
+# 16 documents, and bandit rounds of 12 documents (two of the scorer's batches of 8)
+TINY_SELECT = ["--embed-max-seq-length", "32", "--cluster-k", "4", "--proxy-model", "test-llama",
+               "--proxy-tokenizer-vocab", "300", "--proxy-warmup-docs", "64", "--proxy-train-total-steps", "4",
+               "--proxy-train-batch-size", "4", "--proxy-train-block-size", "32", "--proxy-train-warmup-steps", "1",
+               "--score-fit-docs", "16", "--score-reference-docs", "16", "--score-max-length", "32",
+               "--quad-k", "2", "--quad-batch-size", "6", "--quad-gamma", "0.5", "--budget-fraction", "0.25",
+               "--methods", "random", "quad"]
 
 TOPICS = ("the harbour at night", "neutron stars and comets", "interest rates and markets",
           "a recipe for bread", "football results", "python functions", "rain over the hills")
@@ -37,6 +46,13 @@ def make_corpus(store: RunStore, tmp: Path, n_docs: int = 40, shard_size: int = 
              for i in range(n_docs)]
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     ingest(store, src, settings=CorpusSettings(shard_size=shard_size))
+
+
+def ingest_tiny_run(store: RunStore) -> None:
+    """What `quad ingest` leaves: 64 pool documents of the default data in 4 shards, 32 reference documents."""
+    ingest(store, DATA / "reference.jsonl.gz", step="reference",
+           settings=CorpusSettings(id_field=None, source_field=None, limit=32))
+    ingest(store, DATA / "pool.jsonl.gz", settings=CorpusSettings(limit=64, shard_size=16, overlap_step="reference"))
 
 
 class CrashOnceStep(DsirFeatureStep):

@@ -81,12 +81,17 @@ class InfluenceScorer:
         """`[bos] text [eos]` in at most max_length tokens, as training and evaluation frame it."""
         return frame_documents([self.encode(text)], self.bos_id, self.eos_id, self.max_length)[0]
 
+    def batch_rows(self, encoded: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Positions of the tokenised documents `encoded`, grouped into the batches they are scored in:
+        longest first (ties in input order), `batch_size` per batch; every position exactly once. A
+        batch's documents scored on their own (a Ray actor's chunk) form the same padded batch."""
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+        return [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+
     def batches(self, texts: Sequence[str]) -> Iterator[tuple[list[int], Batch]]:
         """(positions in `texts`, batch) with similar lengths together; every position exactly once."""
         encoded = [self.tokenize(text) for text in texts]
-        order = sorted(range(len(texts)), key=lambda i: (-len(encoded[i]), i))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
+        for rows in self.batch_rows(encoded):
             yield rows, collate([encoded[i] for i in rows], self.pad_id, self.device)
 
     def _count(self, batch: Batch, passes: Passes, scored: bool = False) -> None:
