@@ -512,4 +512,5 @@ def test_the_explorer_button_scores_the_rest_and_the_replay_becomes_the_live_run
     assert scorer.cost.docs_scored - computed == len(pool) - len(others)  # each missing document once
     assert "100.0%" in explorer.header.value and explorer.score_button.disabled
     assert explorer.result.ids == live.ids and explorer.result.settings.budget_tokens == 600
-    assert replay_explorer(scores, pool, assignments, run).score_button.disabled  # no scorer: no button
+    without = replay_explorer(scores, pool, assignments, run)  # no scorer: no button, and the header says so
+    assert without.score_button.disabled and "complete_scores" in without.header.value

@@ -125,7 +125,8 @@ class ReplayExplorer:
             f"Replays run at the run's budget of {self.settings.budget_tokens:,} tokens on cached scores only: "
             f"{fraction:.1%} of the pool ({len(self.pool) - missing:,} of {len(self.pool):,} documents) has one, "
             "and a replay explores only those" + (" (every replay equals a live run)." if not missing else
-                                                  "; the button below scores the rest.")
+                                                  "; the button below scores the rest." if self.scorer is not None
+                                                  else "; complete_scores(scorer, ids) scores the rest.")
             + " Move a slider to re-run the bandit; the figures below the widget are for the starting values.")
         self.score_button.description = f"Score the {missing:,} documents without a score"
         self.score_button.disabled = self.scorer is None or missing == 0
