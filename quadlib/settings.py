@@ -66,18 +66,28 @@ def _option_dest(prefix: str, name: str) -> str:
     return f"{prefix}{name}".replace("-", "_")
 
 
+def _nested_prefix(prefix: str, f: Field) -> str:
+    """The option prefix of a nested settings field: `<prefix><field>-`, or `prefix` alone for a field
+    whose metadata says `flatten` (its options read as the outer settings' own, e.g. `--executor`)."""
+    return prefix if f.metadata.get("flatten") else f"{prefix}{f.name.replace('_', '-')}-"
+
+
 def add_options(parser: Any, cls: type, *, prefix: str = "", defaults: Any = None, skip: tuple[str, ...] = (),
                 title: str | None = None) -> None:
     """One `--<prefix><field>` option per field of the settings dataclass `cls`, with the field's help
     text and default (or those of the instance `defaults`); a nested settings field becomes the options
     `--<prefix><field>-<its field>`. Types: str, int, float (an optional one also reads 'none'), bool
-    (`--x` / `--no-x`), lists (several values) and fixed-length tuples. `settings_from_options` builds
+    (`--x` / `--no-x`), lists (several values) and fixed-length tuples; a nested field with
+    `metadata={"flatten": True}` adds its options without the prefix. `settings_from_options` builds
     the dataclass back from the parsed arguments."""
     import argparse
 
     hints = typing.get_type_hints(cls)
+    doc = (cls.__doc__ or "").strip()
+    if doc.startswith(f"{cls.__name__}("):  # the signature dataclasses write when a class has no docstring
+        doc = ""
     group = parser.add_argument_group(title or f"{cls.__name__} ({prefix.rstrip('-') or 'options'})",
-                                      (cls.__doc__ or "").strip().split("\n")[0] or None)
+                                      doc.split("\n")[0] or None)
     for f in fields(cls):  # type: ignore[arg-type]
         if f.name in skip:
             continue
@@ -87,8 +97,8 @@ def add_options(parser: Any, cls: type, *, prefix: str = "", defaults: Any = Non
         flag = f"--{prefix}{f.name.replace('_', '-')}"
         help_text = f.metadata.get("help", "")
         if is_dataclass(kind):
-            add_options(parser, kind, prefix=f"{prefix}{f.name.replace('_', '-')}-", defaults=default, skip=(),
-                        title=f"{flag} ...: {help_text}")
+            add_options(parser, kind, prefix=_nested_prefix(prefix, f), defaults=default, skip=(),
+                        title=help_text if f.metadata.get("flatten") else f"{flag}-...: {help_text}")
             continue
         options: dict[str, Any] = {"dest": _option_dest(prefix, f.name), "default": default,
                                    "help": f"{help_text} (default: {default!r})".replace("%", "%%")}
@@ -117,8 +127,7 @@ def settings_from_options(cls: type[T], args: Any, *, prefix: str = "", defaults
         kind, _ = _unwrap_optional(hints[f.name])
         inner = getattr(defaults, f.name) if defaults is not None else None
         if is_dataclass(kind):
-            values[f.name] = settings_from_options(kind, args, prefix=f"{prefix}{f.name.replace('_', '-')}-",
-                                                   defaults=inner)
+            values[f.name] = settings_from_options(kind, args, prefix=_nested_prefix(prefix, f), defaults=inner)
             continue
         dest = _option_dest(prefix, f.name)
         if hasattr(args, dest):

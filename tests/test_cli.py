@@ -45,15 +45,16 @@ def test_help_imports_no_heavy_library(argv: list[str]) -> None:
     assert loaded == [], f"`quad {' '.join(argv)}` imported {loaded}"
 
 
-def test_scale_parses_its_own_options(capsys: pytest.CaptureFixture[str]) -> None:
+def test_scale_parses_its_own_options(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     with pytest.raises(SystemExit) as shown:
         main(["scale", "--help"])
     assert shown.value.code == 0
-    assert "--estimator-state" in capsys.readouterr().out  # the scale-out module's options, under `quad scale`
+    out = capsys.readouterr().out  # the scale-out settings' options, under `quad scale`
+    assert "--estimator-state" in out and "--cluster-k" in out and "--ray-num-workers" in out
     with pytest.raises(SystemExit) as refused:
-        main(["scale", "--run", "unused", "--steps", "no-such-step"])
-    assert refused.value.code == 2
-    assert "invalid choice: 'no-such-step'" in capsys.readouterr().err
+        main(["scale", "--run", str(tmp_path / "run"), "--steps", "no-such-step"])
+    assert refused.value.code == 1
+    assert "unknown scale-out step(s) ['no-such-step']" in capsys.readouterr().err
 
 
 def test_help_lists_the_pipeline_commands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -164,7 +164,7 @@ def test_scaleout_writes_the_clustering_cluster_corpus_writes(corpus: RunStore) 
     from quadlib.cluster import ClusterSettings, cluster_corpus, load_assignments, load_centroids, load_sizes
     from quadlib.execution.scaleout import main
 
-    main(["--run", str(corpus.root), "--steps", "embed", "assign", "--k", "3", "--executor", "local"])
+    main(["--run", str(corpus.root), "--steps", "embed", "assign", "--cluster-k", "3", "--executor", "local"])
     ours = load_assignments(corpus)  # read from the one path
     cluster_corpus(corpus, ClusterSettings(k=3), out_step="cluster-single")  # the single-machine step
     theirs = load_assignments(corpus, "cluster-single")

@@ -1,7 +1,7 @@
 """The per-shard part of the pipeline on one executor: embed -> centroids -> assign -> scores.
 
     python -m quadlib.execution.scaleout --run runs/big --executor ray --ray-address auto \\
-        --steps embed assign dsir influence --proxy runs/big/proxy/model \\
+        --steps embed assign dsir influence --proxy-dir runs/big/proxy/model \\
         --estimator-state runs/big/influence/<estimator>-<id>/estimator.safetensors
 
 The corpus must be ingested first (`quadlib.corpus.ingest`, one shard per unit of parallel work).
@@ -25,21 +25,22 @@ from quadlib.cluster import (ClusterSettings, clustering_params, fit_sample_cent
                              write_clustering)
 from quadlib.embed import EmbedSettings, embedding_shards
 from quadlib.execution.executors import ExecutorSettings, StepRun, make_executor
-from quadlib.execution.ray_cluster import RaySettings
 from quadlib.execution.step import ShardStep, read_step_output
 from quadlib.execution.steps import AssignStep, DsirFeatureStep, EmbedStep, InfluenceStep, PerplexityStep
 from quadlib.runstore import RunStore
-from quadlib.settings import setting
+from quadlib.settings import add_options, setting, settings_from_options
 
 CENTROIDS_STEP = "cluster-centroids"
 
 
 @dataclass
 class ScaleOutSettings:
+    """Which per-shard steps run where, and the settings of each (`quad scale`)."""
+
     steps: list[str] = setting(["embed", "assign"], "per-shard steps to run, in pipeline order: keys of "
                                "SCALEOUT_STEPS (embed, assign, dsir, perplexity, influence)")
     executor: ExecutorSettings = field(default_factory=ExecutorSettings,
-                                       metadata={"help": "local or ray, and the Ray cluster"})
+                                       metadata={"help": "local or ray, and the Ray cluster", "flatten": True})
     embed: EmbedSettings = field(default_factory=EmbedSettings, metadata={"help": "embedding model and length cap"})
     cluster: ClusterSettings = field(default_factory=ClusterSettings,
                                      metadata={"help": "k, algorithm, fit sample size and seed of the centroids"})
@@ -125,25 +126,14 @@ def run_scaleout(store: RunStore, settings: ScaleOutSettings) -> dict[str, StepR
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The scale-out options, for `quad` subcommands and this module's own entry point."""
+    """The scale-out options, generated from `ScaleOutSettings` (`quadlib.settings.add_options`): `--steps`,
+    `--executor`, `--ray-*`, `--embed-*`, `--cluster-*`, `--proxy-dir`, `--estimator-state` ..."""
     parser.add_argument("--run", required=True, help="run folder holding an ingested corpus/")
-    parser.add_argument("--steps", nargs="+", default=["embed", "assign"], choices=list(SCALEOUT_STEPS))
-    parser.add_argument("--executor", default="local", choices=("local", "ray"))
-    parser.add_argument("--ray-address", default=None, help="'auto' or host:port of a running Ray cluster; "
-                        "none starts a local Ray")
-    parser.add_argument("--workers", type=int, default=None, help="workers per step (default: what resources allow)")
-    parser.add_argument("--k", type=int, default=ClusterSettings.k, help="clusters")
-    parser.add_argument("--embed-model", default=EmbedSettings.model)
-    parser.add_argument("--proxy", default=None, help="saved proxy folder (perplexity, influence)")
-    parser.add_argument("--estimator-state", default=None, help="fitted estimator safetensors (influence)")
-    parser.add_argument("--estimator", default="kfac_joint_qkv")
+    add_options(parser, ScaleOutSettings, title="scale-out")
 
 
 def settings_from_args(args: argparse.Namespace) -> ScaleOutSettings:
-    ray = RaySettings(address=args.ray_address, num_workers=args.workers)
-    return ScaleOutSettings(steps=args.steps, executor=ExecutorSettings(executor=args.executor, ray=ray),
-                            embed=EmbedSettings(model=args.embed_model), cluster=ClusterSettings(k=args.k),
-                            proxy_dir=args.proxy, estimator_state=args.estimator_state, estimator=args.estimator)
+    return settings_from_options(ScaleOutSettings, args)
 
 
 def main(argv: list[str] | None = None) -> None:
