@@ -12,10 +12,17 @@ from quadlib.influence.estimators import (
     ESTIMATORS,
     FD_STEP_CANDIDATES,
     InfluenceEstimator,
+    SCORING_MODES,
     InfluenceSettings,
     make_estimator,
 )
-from quadlib.influence.kfac import DampedKroneckerInverse, FactorAccumulator, KroneckerFactors, kfac_inverses
+from quadlib.influence.kfac import (
+    DampedKroneckerInverse,
+    FactorAccumulator,
+    KroneckerFactors,
+    SymmetricSum,
+    kfac_inverses,
+)
 from quadlib.influence.layers import GROUPS, LayerPart, TrackedLayer, discover_layers, layer_gradient
 from quadlib.influence import loss as influence_loss
 from quadlib.influence.loss import Batch, sample_labels, summed_token_loss
@@ -239,7 +246,8 @@ def test_eigenbases_are_kept_in_the_models_precision(dtype: torch.dtype) -> None
     estimator = make_estimator("kfac_joint_qkv", InfluenceSettings(mode="reverse"))
     estimator.fit(model, _fit_batches())
     assert {inv.q_activation.dtype for inv in estimator.inverses.values()} == {dtype}
-    assert {inv.eigenvalues.dtype for inv in estimator.inverses.values()} == {dtype}
+    assert {e.dtype for inv in estimator.inverses.values() for e in inv.kronecker_eigenvalues} == {dtype}
+    assert {inv.diagonal().dtype for inv in estimator.inverses.values()} == {dtype}
 
 
 def test_central_difference_step_is_chosen_per_model(tmp_path) -> None:
@@ -267,3 +275,67 @@ def test_central_difference_step_is_chosen_per_model(tmp_path) -> None:
     again.load(model, tmp_path / "est.safetensors")
     assert again.fd_step == estimator.fd_step
     torch.testing.assert_close(again.score(model, batch), chosen)
+
+
+# -- what a fitted estimator holds: eigenbases, K-FAC eigenvalues as (g, a), V once in the model's precision ----
+@pytest.mark.parametrize("name", ["kfac_joint_qkv", "ekfac_joint_qkv"])
+def test_float32_estimator_holds_eigenbases_eigenvalues_and_one_direction(name: str) -> None:
+    """Exact byte count after fit, set_reference and scoring in every mode: float32 Q_A and Q_G, K-FAC's
+    eigenvalues as the vectors g and a (EK-FAC's diagonal whole), V once in float32 and no scoring copy
+    (Llama's q/k/v tangents are views of V). The old layout held g a^T whole, V in float64 and a float32 copy."""
+    model = tiny_llama(hidden=32, layers=2, dtype=torch.float32)
+    estimator = _fitted(model, name, InfluenceSettings(fisher="sampled", seed=3, mode="reverse", fd_step=1e-3))
+    batch = _doc_batch()
+    for mode in SCORING_MODES:
+        estimator.settings.mode = mode
+        estimator.score(model, batch)
+    shapes = [(layer.out_features, layer.in_augmented) for layer in estimator.layers]
+    eigenvalues = sum(o * i for o, i in shapes) if name.startswith("ekfac") else sum(o + i for o, i in shapes)
+    assert estimator.held_bytes() == {"eigenbases": 4 * sum(o * o + i * i for o, i in shapes),
+                                      "eigenvalues": 4 * eigenvalues,
+                                      "direction": 4 * sum(o * i for o, i in shapes), "scoring copies": 0}
+    assert {v.dtype for v in estimator.direction.values()} == {torch.float32}
+
+
+def test_kfac_save_load_keeps_eigenvalue_vectors_and_reads_full_eigenvalues(tmp_path) -> None:
+    """K-FAC saves (g, a) and reloads to the same scores; a file holding the full g a^T (the older layout)
+    loads to the same scores too."""
+    model = tiny_llama()
+    batch = _doc_batch()
+    fitted = _fitted(model, "kfac_joint_qkv")
+    fitted.save(tmp_path / "kfac.safetensors")
+    restored = make_estimator("kfac_joint_qkv", InfluenceSettings(mode="reverse"))
+    restored.load(model, tmp_path / "kfac.safetensors")
+    assert all(inv.eigenvalues is None for inv in restored.inverses.values())
+    torch.testing.assert_close(restored.score(model, batch), fitted.score(model, batch), rtol=0, atol=0)
+    for inv in fitted.inverses.values():
+        inv.eigenvalues, inv.kronecker_eigenvalues = inv.diagonal(), None
+    fitted.save(tmp_path / "full.safetensors")
+    old_layout = make_estimator("kfac_joint_qkv", InfluenceSettings(mode="reverse"))
+    old_layout.load(model, tmp_path / "full.safetensors")
+    old_layout.set_reference(model, _ref_batches())
+    restored.set_reference(model, _ref_batches())
+    torch.testing.assert_close(old_layout.score(model, batch), restored.score(model, batch), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_packed_factor_sums_hold_half_and_decompose_bit_for_bit(n: int) -> None:
+    """The float64 K-FAC sums keep only the lower triangle ((n+1) ceil(n/2) numbers), unpack to the sum of
+    the matrices' lower triangles mirrored, and eigh of the unpacked sum equals eigh of the plain float64
+    sum exactly (eigh reads the lower triangle only); the old accumulator held n^2 numbers per factor."""
+    generator = torch.Generator().manual_seed(n)
+    grams = [(lambda x: x.T @ x)(torch.randn(7, n, generator=generator)) for _ in range(3)]  # float32 [n, n]
+    packed = SymmetricSum(n)
+    for gram in grams:
+        packed.add_(gram)
+    plain = sum(gram.double() for gram in grams)  # [n, n]
+    assert packed.top.numel() + packed.bottom.numel() == (n + 1) * ((n + 1) // 2)
+    unpacked = packed.full()
+    assert torch.equal(unpacked.tril(), plain.tril()) and torch.equal(unpacked, unpacked.T)
+    assert torch.equal(packed.lower(), plain.tril())
+    for got, want in zip(KroneckerFactors(packed, packed, 3).eigen()[:2], torch.linalg.eigh(plain / 3), strict=True):
+        assert torch.equal(got.clamp_min(0) if got.ndim == 1 else got, want.clamp_min(0) if want.ndim == 1 else want)
+    layer = TrackedLayer("fc", "mlp", 0, (LayerPart("fc"),), n, 2 * n + 1, has_bias=True)
+    accumulator = FactorAccumulator([layer])
+    held = [accumulator.activation["fc"], accumulator.gradient["fc"]]
+    assert sum(s.top.nbytes + s.bottom.nbytes for s in held) == 8 * sum((m + 1) * ((m + 1) // 2) for m in (n + 1, 2 * n + 1))

@@ -169,7 +169,7 @@ class InfluenceEstimator:
         self.layers: list[TrackedLayer] = []
         self.inverses: dict[str, DampedKroneckerInverse] | None = None
         self.fitted = False
-        self.direction: dict[str, torch.Tensor] = {}  # V_l [out, in(+1)], float64
+        self.direction: dict[str, torch.Tensor] = {}  # V_l [out, in(+1)], in the model's precision (curvature_dtype)
         self.reference_norm = 0.0  # ||grad L(D_ref)|| over tracked layers (cosine)
         self._cast: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
         self._tangents: dict[tuple[torch.dtype, torch.device], ParameterDirection] = {}
@@ -198,7 +198,12 @@ class InfluenceEstimator:
 
     # -- reference -------------------------------------------------------------------------
     def set_reference(self, model: nn.Module, batches: Iterable[Batch]) -> None:
-        """Aggregate grad L(theta, D_ref) (mean CE per reference token) and precondition it once per layer."""
+        """Aggregate grad L(theta, D_ref) (mean CE per reference token) and precondition it once per layer.
+
+        The sum over reference tokens is accumulated in float64 (it may run over many batches); V is
+        kept in the model's precision (`curvature_dtype`: float32 for a float32 model), the precision
+        every scorer contracts it in, so no second copy of V is made for scoring.
+        """
         self._bind(model)
         sums = {layer.name: torch.zeros(layer.out_features, layer.in_augmented, dtype=torch.float64)
                 for layer in self.layers}
@@ -220,7 +225,8 @@ class InfluenceEstimator:
             raise ValueError("the reference batches contain no predicted token")
         gradients = {name: total / n_tokens for name, total in sums.items()}
         self.reference_norm = math.sqrt(sum(float(g.square().sum()) for g in gradients.values()))
-        self.direction = {name: self.precondition(name, g) for name, g in gradients.items()}
+        dtype = curvature_dtype(model)
+        self.direction = {name: self.precondition(name, gradients.pop(name)).to(dtype) for name in list(gradients)}
         self._cast.clear()
         self._tangents.clear()
         self.chosen_fd_step, self.fd_errors = None, {}
@@ -323,6 +329,35 @@ class InfluenceEstimator:
         """Each document's influence score [B] (float64, higher = lowers reference loss more), by `scoring_mode`."""
         return SCORERS[self.scoring_mode](self, model, batch)
 
+    # -- memory ----------------------------------------------------------------------------
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors this estimator holds, by role, each storage counted once.
+
+        eigenbases: Q_A and Q_G of every tracked layer; eigenvalues: K-FAC's (g, a) or EK-FAC's diagonal;
+        direction: V; scoring copies: V cast to another dtype/device and tangents that are not views of V.
+        """
+        seen: set[int] = set()
+
+        def size(tensors: Iterable[torch.Tensor]) -> int:
+            total = 0
+            for tensor in tensors:
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+            return total
+
+        inverses = list((self.inverses or {}).values())
+        return {
+            "eigenbases": size(t for inv in inverses for t in (inv.q_activation, inv.q_gradient)),
+            "eigenvalues": size(t for inv in inverses
+                                for t in ((inv.eigenvalues,) if inv.kronecker_eigenvalues is None
+                                          else inv.kronecker_eigenvalues)),
+            "direction": size(self.direction.values()),
+            "scoring copies": size([*self._cast.values(), *(t for tangents in self._tangents.values()
+                                                            for t in tangents.values())]),
+        }
+
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Curvature and reference direction as safetensors (open format, no pickle)."""
@@ -330,7 +365,11 @@ class InfluenceEstimator:
         for name, inv in (self.inverses or {}).items():
             tensors[f"q_activation/{name}"] = inv.q_activation.contiguous()
             tensors[f"q_gradient/{name}"] = inv.q_gradient.contiguous()
-            tensors[f"eigenvalues/{name}"] = inv.eigenvalues.contiguous()
+            if inv.kronecker_eigenvalues is None:
+                tensors[f"eigenvalues/{name}"] = inv.eigenvalues.contiguous()
+            else:
+                tensors[f"gradient_eigenvalues/{name}"], tensors[f"activation_eigenvalues/{name}"] = (
+                    e.contiguous() for e in inv.kronecker_eigenvalues)
             tensors[f"damping/{name}"] = torch.tensor(inv.damping, dtype=torch.float64)
         tensors["reference_norm"] = torch.tensor(self.reference_norm, dtype=torch.float64)
         if self.chosen_fd_step is not None:
@@ -344,9 +383,7 @@ class InfluenceEstimator:
         tensors = load_file(str(path))
         names = [layer.name for layer in self.layers]
         if self.spec.curvature != "none":
-            self.inverses = {name: DampedKroneckerInverse(tensors[f"q_activation/{name}"], tensors[f"q_gradient/{name}"],
-                                                          tensors[f"eigenvalues/{name}"],
-                                                          float(tensors[f"damping/{name}"])) for name in names}
+            self.inverses = {name: _load_inverse(tensors, name) for name in names}
         self.fitted = True
         self.direction = {name: tensors[f"direction/{name}"] for name in names if f"direction/{name}" in tensors}
         self.reference_norm = float(tensors["reference_norm"])
@@ -354,6 +391,17 @@ class InfluenceEstimator:
         self._calibration_batch = None
         self._cast.clear()
         self._tangents.clear()
+
+
+def _load_inverse(tensors: dict[str, torch.Tensor], name: str) -> DampedKroneckerInverse:
+    """One layer's inverse as `save` wrote it: EK-FAC's full eigenvalues, or K-FAC's (g, a) (an older file's
+    full K-FAC eigenvalues load as they are)."""
+    kronecker = None
+    if f"gradient_eigenvalues/{name}" in tensors:
+        kronecker = (tensors[f"gradient_eigenvalues/{name}"], tensors[f"activation_eigenvalues/{name}"])
+    return DampedKroneckerInverse(tensors[f"q_activation/{name}"], tensors[f"q_gradient/{name}"],
+                                  tensors.get(f"eigenvalues/{name}"), float(tensors[f"damping/{name}"]),
+                                  kronecker_eigenvalues=kronecker)
 
 
 def per_document_squared_norm(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, has_bias: bool) -> torch.Tensor:
