@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quadlib.reports import NOTEBOOKS, REPO_ROOT, build_report, run_notebooks
+from quadlib.reports import NOTEBOOKS, REPO_ROOT, build_report, parse_overrides, run_notebooks
 
 DEFAULT_POOL = "data/synthetic/pool.jsonl.gz"
 DEFAULT_REFERENCE = "data/synthetic/reference.jsonl.gz"
@@ -66,6 +66,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
                                  lambada=args.lambada, ablations=not args.no_ablations,
                                  budget_fraction=args.budget_fraction, seeds=args.seeds,
                                  task_limit=args.task_limit, train_tokens=args.train_tokens)
+    for name, values in parse_overrides(args.set, NOTEBOOKS).items():
+        parameters[name] = parameters.get(name, {}) | values
     run_notebooks(names, parameters, reports)
     report = build_report(reports)
     print(f"[quad] done in {time.perf_counter() - start:.0f} s; report: {report.resolve()}")
@@ -246,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="items per zero-shot task (default: 05_evaluate's TASK_LIMIT)")
     demo.add_argument("--no-ablations", action="store_true", help="skip the ablation grids of 05_evaluate")
     demo.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks")
+    demo.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                      help="set a parameter of every notebook that declares it (VALUE as JSON, else text), e.g. "
+                           "--set PROXY_MODEL=smollm2-135m --set TOKENIZER_VOCAB=null; repeatable")
     demo.set_defaults(func=cmd_demo)
 
     report = sub.add_parser("report", help="render reports/ again from its executed notebooks (report.html, "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import html
+import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +26,42 @@ WIDGET_MIMETYPE = "application/vnd.jupyter.widget-view+json"
 STREAMING_ENGINE = "quad-streaming"
 NOTEBOOK_PROFILE_VARIABLE = "QUAD_NOTEBOOK_PROFILE"
 NOTEBOOK_PROFILES = ("demo", "test")
+
+
+def notebook_parameters(name: str) -> list[str]:
+    """The names assigned at the top level of notebook `name`'s parameters cell (what papermill may set)."""
+    notebook = json.loads((REPO_ROOT / "notebooks" / f"{name}.ipynb").read_text(encoding="utf-8"))
+    for cell in notebook["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = "".join(cell["source"])
+            return list(dict.fromkeys(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*\s*=",
+                                                 source, flags=re.MULTILINE)))
+    return []
+
+
+def parse_overrides(items: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`[NOTEBOOK:]NAME=VALUE` overrides (VALUE read as JSON, else as a string) for every notebook of
+    `names` (or only NOTEBOOK) whose parameters cell sets NAME: {notebook: {NAME: value}}. A NAME no
+    notebook has is an error (a typo never runs silently with the default)."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in names}
+    declared = {name: notebook_parameters(name) for name in names}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        notebook, _, key = key.strip().rpartition(":")
+        if not sep or not key.isidentifier() or (notebook and notebook not in names):
+            raise ValueError(f"--set {item!r}: write [NOTEBOOK:]NAME=VALUE, e.g. --set PROXY_MODEL=smollm2-135m, "
+                             f"--set SEEDS=[0,1] or --set 01_cluster:K=16 (notebooks: {', '.join(names)})")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        targets = [name for name in ([notebook] if notebook else names) if key in declared[name]]
+        if not targets:
+            raise ValueError(f"--set {item.partition('=')[0]}: no notebook of {notebook or ', '.join(names)} has the "
+                             f"parameter {key!r}; the parameters are the names in each notebook's first code cell")
+        for name in targets:
+            out[name][key] = value
+    return out
 
 
 def notebook_profile() -> str:

@@ -131,3 +131,25 @@ def test_select_then_evaluate_from_an_ingested_run(tmp_path) -> None:
         for seed in (0, 1):
             metrics = json.loads((store.root / "eval" / method / f"seed-{seed}" / "metrics.json").read_text())
             assert metrics["selection_seed"] == seed, (method, seed)
+
+
+        main(["scale", "--run", "unused", "--steps", "no-such-step"])
+    assert refused.value.code == 2
+    assert "invalid choice: 'no-such-step'" in capsys.readouterr().err
+
+
+def test_set_overrides_reach_only_the_notebooks_that_declare_them() -> None:
+    from quadlib.reports import NOTEBOOKS, parse_overrides
+
+    out = parse_overrides(["PROXY_MODEL=smollm2-135m", "TOKENIZER_VOCAB=null", "SEEDS=[0, 1]", "01_cluster:K=16",
+                           "LR=1e-4", "METHODS=[\"random\", \"quad\"]"], NOTEBOOKS)
+    assert out["02_score"] == {"PROXY_MODEL": "smollm2-135m", "TOKENIZER_VOCAB": None}  # text, JSON null
+    assert out["05_evaluate"] == {"SEEDS": [0, 1], "LR": 1e-4}
+    assert out["01_cluster"] == {"K": 16} and "K" not in out["03_bandit"]  # the notebook prefix scopes it
+    assert out["03_bandit"] == {"METHODS": ["random", "quad"]}
+    assert parse_overrides(["K=4"], NOTEBOOKS)["03_bandit"] == {"K": 4} == parse_overrides(["K=4"], NOTEBOOKS)["01_cluster"]
+    for bad, message in (("PROXY_MODLE=x", "no notebook .* has the parameter 'PROXY_MODLE'"),
+                         ("PROXY_MODEL", "NAME=VALUE"), ("09_x:K=1", "NAME=VALUE"),
+                         ("02_score:K=3", "no notebook of 02_score has the parameter 'K'")):
+        with pytest.raises(ValueError, match=message):
+            parse_overrides([bad], NOTEBOOKS)

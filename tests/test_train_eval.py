@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import torch
 from eval_fixtures import tiny_model, tiny_tokenizer
 
 from quadlib.corpus import CorpusSettings, ingest, read_corpus
-from quadlib.evaluation.items import ITEMS_FILE, weighted_means
+from quadlib.evaluation import train_eval
+from quadlib.evaluation.items import ITEMS_FILE, UNTRAINED, weighted_means
+from quadlib.evaluation.stats import collect_items, paired_differences
 from quadlib.evaluation.train_eval import (
     EvalSettings, eval_step, initial_model, read_selection_texts, train_and_evaluate,
 )
@@ -88,3 +91,62 @@ def test_read_selection_texts_sorts_by_id(store: RunStore) -> None:
     (folder / "manifest.json").write_text("{}")
     store.mark_done("select-quad")
     assert read_selection_texts(store, "quad") == ["first", "second"]
+
+
+def _fake_selection(store: RunStore, method: str, texts: list[str]) -> None:
+    folder = store.step_dir(f"select-{method}")
+    pd.DataFrame({"id": [f"{method}-{i:03d}" for i in range(len(texts))], "text": texts}).to_parquet(
+        folder / "selection.parquet")
+    (folder / "manifest.json").write_text(json.dumps({"seed": 0}))
+    store.mark_done(f"select-{method}")
+
+
+def test_worker_processes_give_the_same_records_as_one_process(setup, tmp_path: Path) -> None:
+    """Two spawned 1-thread workers train and evaluate every (method, seed) pair exactly as one process does
+    (same seeds, same data, same float32 arithmetic on 1 thread), in method-then-seed order."""
+    store, tokenizer, warmup, texts = setup
+    _fake_selection(store, "a", texts[:6])
+    _fake_selection(store, "b", texts[6:])
+    evaluation = EvalSettings(heldout_step=None)
+    torch.set_num_threads(1)
+    parallel = train_eval.evaluate_selections(store, ["a", "b"], warmup, tokenizer, TRAIN, [0, 1], evaluation,
+                                              vary_selection=False, workers=2, keep_models=False)
+    assert [(r["method"], r["seed"]) for r in parallel] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert not (store.root / eval_step("a", 0) / "model").exists()  # keep_models=False
+    serial_store = RunStore(tmp_path / "serial")
+    for step in ("reference",):
+        shutil.copytree(store.root / step, serial_store.root / step)
+    _fake_selection(serial_store, "a", texts[:6])
+    _fake_selection(serial_store, "b", texts[6:])
+    serial = train_eval.evaluate_selections(serial_store, ["a", "b"], warmup, tokenizer, TRAIN, [0, 1], evaluation,
+                                            vary_selection=False, workers=1)
+    for p, s in zip(parallel, serial, strict=True):
+        assert p["metrics"] == pytest.approx(s["metrics"], rel=1e-6)  # same computation, another process
+        assert p["train"]["steps"] == s["train"]["steps"]
+    assert parallel[0]["metrics"]["ref_loss"] != parallel[2]["metrics"]["ref_loss"]  # a and b really differ
+    stamp = (store.root / eval_step("b", 1) / "metrics.json").stat().st_mtime_ns
+    again = train_eval.evaluate_selections(store, ["a", "b"], warmup, tokenizer, TRAIN, [0, 1], evaluation,
+                                           vary_selection=False, workers=2, keep_models=False)
+    assert again == parallel  # finished pairs are skipped
+    assert (store.root / eval_step("b", 1) / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_the_untrained_model_is_evaluated_once_and_written_for_every_seed(setup) -> None:
+    """`untrained=True` adds the starting model, untouched, as the method "untrained": its metrics are those of
+    `evaluate_model` on the warm-up weights, for each seed, so the paired test can compare every method with it."""
+    store, tokenizer, warmup, texts = setup
+    _fake_selection(store, "a", texts[:6])
+    evaluation = EvalSettings(heldout_step=None)
+    records = train_eval.evaluate_selections(store, ["a"], warmup, tokenizer, TRAIN, [0, 1], evaluation,
+                                             vary_selection=False, untrained=True)
+    assert [(r["method"], r["seed"]) for r in records] == [(UNTRAINED, 0), (UNTRAINED, 1), ("a", 0), ("a", 1)]
+    model = initial_model(warmup, tokenizer, False, 0, "cpu").eval()
+    direct = train_eval.evaluate_model(store, model, tokenizer, evaluation)
+    assert records[0]["metrics"] == pytest.approx(direct, rel=1e-9)
+    assert records[1]["metrics"] == records[0]["metrics"] and records[0]["train"]["steps"] == 0
+    assert records[2]["metrics"]["ref_loss"] != records[0]["metrics"]["ref_loss"]  # training moved the model
+    items = collect_items(store.root)
+    paired = paired_differences(items, UNTRAINED, ["ref_loss"])
+    assert list(paired["method"]) == ["a"] and paired["n_seeds"].iloc[0] == 2
+    trained = (records[2]["metrics"]["ref_loss"] + records[3]["metrics"]["ref_loss"]) / 2
+    assert paired["diff"].iloc[0] == pytest.approx(trained - records[0]["metrics"]["ref_loss"], rel=1e-6)  # a - untrained

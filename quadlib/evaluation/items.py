@@ -19,6 +19,7 @@ import pandas as pd
 
 ITEM_COLUMNS = ("task", "item", "metric", "value", "weight")
 ITEMS_FILE = "items.parquet"
+UNTRAINED = "untrained"  # the method name of the starting model, evaluated without training (train_eval)
 
 
 def item_frame(task: str, items: Sequence[str], metrics: dict[str, Sequence[float]],

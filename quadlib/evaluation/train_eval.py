@@ -20,20 +20,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from quadlib.corpus import EVALUATION_PART, read_corpus, read_reference
 from quadlib.device import default_device
-from quadlib.evaluation.items import ITEMS_FILE, concat_items
+from quadlib.evaluation.items import ITEMS_FILE, UNTRAINED, concat_items
 from quadlib.evaluation.lm_metrics import (LMMetricSettings, heldout_items, lambada_items, reference_items,
                                             spread_over_sources)
 from quadlib.evaluation.tasks import TaskSettings, evaluate_tasks, task_items, task_metrics
@@ -154,7 +158,8 @@ def variance_sources(selection_varies: bool, from_scratch: bool) -> list[str]:
 def train_and_evaluate(store: RunStore, method: str, selection_texts: Sequence[str], base_model: str | Path,
                        tokenizer: PreTrainedTokenizerBase, train_settings: TrainSettings, seeds: Sequence[int],
                        eval_settings: EvalSettings, *, from_scratch: bool = False, progress: bool = False,
-                       selection_seed: int | None = None, selection_varies: bool = False) -> list[dict[str, Any]]:
+                       selection_seed: int | None = None, selection_varies: bool = False,
+                       keep_model: bool = True) -> list[dict[str, Any]]:
     """Train on `selection_texts` once per seed, evaluate, write metrics.json; return them in seed order.
 
     `base_model` is the warm-up model folder (`<run>/proxy/model`) or a registry name. The token
@@ -175,25 +180,9 @@ def train_and_evaluate(store: RunStore, method: str, selection_texts: Sequence[s
         params = {"method": method, "selection_sha256": texts_sha256(selection_texts), "base_model": str(base_model),
                   "from_scratch": from_scratch, "train": settings.trajectory(), "eval": eval_settings}
         folder = store.step_dir(step)
-        if not store.begin(step, params, seed=seed):
-            model = initial_model(base_model, tokenizer, from_scratch, seed, settings.device)
-            start = time.perf_counter()
-            result = train_lm(model, tokenizer, selection_texts, settings, folder / "checkpoints", resume=True,
-                              progress=progress)
-            train_seconds = time.perf_counter() - start
-            save_model(model, tokenizer, folder / "model")
-            start = time.perf_counter()
-            metrics, items = evaluate_model_items(store, model.eval(), tokenizer, eval_settings)
-            items.to_parquet(folder / ITEMS_FILE, index=False)
-            write_json_atomic(folder / METRICS_FILE, {
-                "method": method, "seed": seed, "from_scratch": from_scratch, "metrics": metrics,
-                "train": {"steps": result.steps, "tokens_seen": result.tokens_seen,
-                          "final_loss": result.losses[-1] if result.losses else math.nan,
-                          "resumed_from": result.resumed_from, "seconds": train_seconds},
-                "eval_seconds": time.perf_counter() - start,
-            })
-            shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # model/ holds the final weights
-            store.mark_done(step, info={"metrics": METRICS_FILE})
+        with store.lock(step):  # a second process on this pair waits, then finds it done
+            _train_pair(store, step, params, method, seed, selection_texts, base_model, tokenizer, settings,
+                        eval_settings, from_scratch=from_scratch, progress=progress, keep_model=keep_model)
         record = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
         provenance = {"selection_seed": selection_seed,
                       "variance_sources": variance_sources(selection_varies, from_scratch)}
@@ -204,24 +193,78 @@ def train_and_evaluate(store: RunStore, method: str, selection_texts: Sequence[s
     return records
 
 
-def evaluate_selections(store: RunStore, methods: Sequence[str], base_model: str | Path,
-                        tokenizer: PreTrainedTokenizerBase, train_settings: TrainSettings, seeds: Sequence[int],
-                        eval_settings: EvalSettings, *, from_scratch: bool = False, progress: bool = False,
-                        vary_selection: bool = True) -> list[dict[str, Any]]:
-    """`train_and_evaluate` for every method, with one set of settings and seeds.
+def _train_pair(store: RunStore, step: str, params: dict[str, Any], method: str, seed: int,
+                selection_texts: Sequence[str], base_model: str | Path, tokenizer: PreTrainedTokenizerBase,
+                settings: TrainSettings, eval_settings: EvalSettings, *, from_scratch: bool, progress: bool,
+                keep_model: bool = True) -> None:
+    """Train one (method, seed) pair from `base_model` on `selection_texts`, evaluate it, mark it done
+    (resuming from its latest checkpoint; nothing to do when it is done with these params)."""
+    folder = store.step_dir(step)
+    if not store.begin(step, params, seed=seed):
+        model = initial_model(base_model, tokenizer, from_scratch, seed, settings.device)
+        start = time.perf_counter()
+        result = train_lm(model, tokenizer, selection_texts, settings, folder / "checkpoints", resume=True,
+                          progress=progress)
+        train_seconds = time.perf_counter() - start
+        if keep_model:
+            save_model(model, tokenizer, folder / "model")
+        start = time.perf_counter()
+        metrics, items = evaluate_model_items(store, model.eval(), tokenizer, eval_settings)
+        items.to_parquet(folder / ITEMS_FILE, index=False)
+        write_json_atomic(folder / METRICS_FILE, {
+            "method": method, "seed": seed, "from_scratch": from_scratch, "metrics": metrics,
+            "train": {"steps": result.steps, "tokens_seen": result.tokens_seen,
+                      "final_loss": result.losses[-1] if result.losses else math.nan,
+                      "resumed_from": result.resumed_from, "seconds": train_seconds},
+            "eval_seconds": time.perf_counter() - start,
+        })
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # model/ holds the final weights
+        store.mark_done(step, info={"metrics": METRICS_FILE})
 
-    With `vary_selection` (the default, issue 14.2) seed s trains on the method's selection made with
-    seed s (`quadlib.selection.selection_store`; `quadlib.pipeline.select_for_seeds` makes them), so
-    the spread over seeds covers the selection's own randomness as well as training. Without it
-    every seed trains on the run's one selection and the spread covers training only.
-    """
-    records = []
+
+@dataclass(frozen=True)
+class PairJob:
+    """One (method, seed) pair of `evaluate_selections`: what a worker process needs to run it."""
+
+    method: str
+    seed: int
+    source_root: str          # the run folder holding the selection it trains on
+    selection_seed: int | None
+    selection_varies: bool
+
+
+def _run_pair(store: RunStore, job: PairJob, base_model: str | Path, tokenizer: PreTrainedTokenizerBase,
+              train_settings: TrainSettings, eval_settings: EvalSettings, *, from_scratch: bool, progress: bool,
+              keep_model: bool) -> list[dict[str, Any]]:
+    texts = read_selection_texts(RunStore(job.source_root), job.method)
+    return train_and_evaluate(store, job.method, texts, base_model, tokenizer, train_settings, [job.seed],
+                              eval_settings, from_scratch=from_scratch, progress=progress,
+                              selection_seed=job.selection_seed, selection_varies=job.selection_varies,
+                              keep_model=keep_model)
+
+
+def _worker_init(threads: int) -> None:
+    """A training worker: `threads` torch threads (1 by default: two 1-thread processes train faster
+    than one 2-thread process on a 2-core machine, STACK.md), nothing on the terminal but its result."""
+    torch.set_num_threads(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _worker_pair(root: str, job: PairJob, base_model: str, tokenizer: PreTrainedTokenizerBase,
+                 train_settings: TrainSettings, eval_settings: EvalSettings, from_scratch: bool,
+                 keep_model: bool) -> list[dict[str, Any]]:
+    return _run_pair(RunStore(root), job, base_model, tokenizer, train_settings, eval_settings,
+                     from_scratch=from_scratch, progress=False, keep_model=keep_model)
+
+
+def pair_jobs(store: RunStore, methods: Sequence[str], seeds: Sequence[int], *, vary_selection: bool) -> list[PairJob]:
+    """Every (method, seed) pair in method-then-seed order, with the selection each trains on; a missing
+    per-seed selection is an error that says how to make it."""
+    jobs = []
     for method in methods:
         if not vary_selection:
             _, manifest = read_selection(store, method)
-            records += train_and_evaluate(store, method, read_selection_texts(store, method), base_model, tokenizer,
-                                          train_settings, seeds, eval_settings, from_scratch=from_scratch,
-                                          progress=progress, selection_seed=manifest.get("seed"))
+            jobs += [PairJob(method, seed, str(store.root), manifest.get("seed"), False) for seed in seeds]
             continue
         for seed in seeds:
             source = selection_store(store, method, seed)
@@ -230,7 +273,92 @@ def evaluate_selections(store: RunStore, methods: Sequence[str], base_model: str
                     f"{source.root / f'select-{method}'}: no selection of {method!r} made with seed {seed}; run "
                     "quadlib.pipeline.select_for_seeds(store, scorer, model, tokenizer, methods, seeds) first "
                     "(notebook 05 does), or pass vary_selection=False to train every seed on one selection")
-            records += train_and_evaluate(store, method, read_selection_texts(source, method), base_model, tokenizer,
-                                          train_settings, [seed], eval_settings, from_scratch=from_scratch,
-                                          progress=progress, selection_seed=seed, selection_varies=True)
+            jobs.append(PairJob(method, seed, str(source.root), seed, True))
+    return jobs
+
+
+def evaluate_selections(store: RunStore, methods: Sequence[str], base_model: str | Path,
+                        tokenizer: PreTrainedTokenizerBase, train_settings: TrainSettings, seeds: Sequence[int],
+                        eval_settings: EvalSettings, *, from_scratch: bool = False, progress: bool = False,
+                        vary_selection: bool = True, workers: int = 1, worker_threads: int = 1,
+                        keep_models: bool = True, untrained: bool = False) -> list[dict[str, Any]]:
+    """`train_and_evaluate` for every method, with one set of settings and seeds.
+
+    With `vary_selection` (the default) seed s trains on the method's selection made with seed s
+    (`quadlib.selection.selection_store`; `quadlib.pipeline.select_for_seeds` makes them), so the spread
+    over seeds covers the selection's own randomness as well as training. Without it every seed trains
+    on the run's one selection and the spread covers training only.
+
+    `workers` > 1 runs the (method, seed) pairs in that many worker processes of `worker_threads`
+    torch threads each (spawned; each pair is locked in the run folder, resumes from its checkpoint
+    and is skipped when done, so a killed run loses at most the pairs in flight). `untrained` also
+    evaluates `base_model` itself as the method "untrained" (`evaluate_untrained`), the reference
+    point for what training on any selection did. `keep_models=False` saves no trained weights
+    (metrics and per-item results are kept). Records come back in method-then-seed order.
+    """
+    jobs = pair_jobs(store, methods, seeds, vary_selection=vary_selection)
+    records: list[dict[str, Any]] = []
+    if untrained:
+        records += evaluate_untrained(store, base_model, tokenizer, seeds, eval_settings, from_scratch=from_scratch)
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            records += _run_pair(store, job, base_model, tokenizer, train_settings, eval_settings,
+                                 from_scratch=from_scratch, progress=progress, keep_model=keep_models)
+        return records
+    results: dict[int, list[dict[str, Any]]] = {}
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # no forked torch state; CUDA-safe
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                             initargs=(worker_threads,)) as pool:
+        futures = {pool.submit(_worker_pair, str(store.root), job, str(base_model), tokenizer, train_settings,
+                               eval_settings, from_scratch, keep_models): i for i, job in enumerate(jobs)}
+        bar = tqdm(total=len(jobs), desc=f"train+evaluate ({workers} workers)", disable=not progress)
+        for future in as_completed(futures):
+            i = futures[future]
+            results[i] = future.result()  # a worker's error stops the run; finished pairs stay on disk
+            bar.update(1)
+            if progress:
+                bar.write(f"[quad] {jobs[i].method} seed {jobs[i].seed} done "
+                          f"({len(results)}/{len(jobs)}, {time.perf_counter() - start:.0f} s)")
+        bar.close()
+    for i in range(len(jobs)):
+        records += results[i]
+    return records
+
+
+def evaluate_untrained(store: RunStore, base_model: str | Path, tokenizer: PreTrainedTokenizerBase,
+                       seeds: Sequence[int], eval_settings: EvalSettings, *,
+                       from_scratch: bool = False) -> list[dict[str, Any]]:
+    """The model every method starts from, evaluated without training, as the method "untrained".
+
+    Its evaluation does not depend on a seed (no sampling, the same texts), so it runs once and is
+    written for every seed of `seeds` (`eval/untrained/seed-<s>/`), which lets the paired test
+    compare each method with it over the same seeds and items. From scratch it is the seeded
+    initialisation of each seed instead, evaluated per seed.
+    """
+    records = []
+    first: tuple[dict[str, float], pd.DataFrame, float] | None = None
+    for seed in seeds:
+        step = eval_step(UNTRAINED, seed, from_scratch)
+        params = {"method": UNTRAINED, "base_model": str(base_model), "from_scratch": from_scratch,
+                  "eval": eval_settings}
+        folder = store.step_dir(step)
+        with store.lock(step):
+            if not store.begin(step, params, seed=seed):
+                if first is None or from_scratch:
+                    model = initial_model(base_model, tokenizer, from_scratch, seed, None).eval()
+                    start = time.perf_counter()
+                    metrics, items = evaluate_model_items(store, model, tokenizer, eval_settings)
+                    first = (metrics, items, time.perf_counter() - start)
+                    del model
+                metrics, items, seconds = first
+                items.to_parquet(folder / ITEMS_FILE, index=False)
+                write_json_atomic(folder / METRICS_FILE, {
+                    "method": UNTRAINED, "seed": seed, "from_scratch": from_scratch, "metrics": metrics,
+                    "train": {"steps": 0, "tokens_seen": 0, "final_loss": math.nan, "resumed_from": None,
+                              "seconds": 0.0},
+                    "eval_seconds": seconds, "selection_seed": None, "variance_sources": [],
+                })
+                store.mark_done(step, info={"metrics": METRICS_FILE})
+        records.append(json.loads((folder / METRICS_FILE).read_text(encoding="utf-8")))
     return records

@@ -1,8 +1,8 @@
 """One home for method colours and order: every figure that shows methods takes them from here, so
 a method has the same colour and place in every figure of every run.
 
-Order: the baseline (Random) first, then Quad, then the registry's order (`SELECTORS`), then any
-other name alphabetically. Colour: Random grey; every registered method a fixed Dark24 colour by its
+Order: the untrained model (when evaluated), the baseline (Random), then Quad, then the registry's order (`SELECTORS`), then any
+other name alphabetically. Colour: the untrained model black, Random grey; every registered method a fixed Dark24 colour by its
 registry position (not by its position in one figure), so a subset of methods keeps its colours.
 """
 
@@ -12,9 +12,12 @@ from collections.abc import Iterable
 
 import plotly.colors
 
+from quadlib.evaluation.items import UNTRAINED  # the starting model, evaluated without training
+
 BASELINE = "random"
 BASELINE_COLOR = "#7f7f7f"
-FIRST = (BASELINE, "quad")
+UNTRAINED_COLOR = "#000000"
+FIRST = (UNTRAINED, BASELINE, "quad")
 _COLORS = [c for c in plotly.colors.qualitative.Dark24 if c.lower() != BASELINE_COLOR]
 
 
@@ -35,6 +38,8 @@ def method_color(method: str) -> str:
     """The method's colour in every figure."""
     if method == BASELINE:
         return BASELINE_COLOR
+    if method == UNTRAINED:
+        return UNTRAINED_COLOR
     registry = [m for m in registered_methods() if m != BASELINE]
     if method in registry:
         return _COLORS[registry.index(method) % len(_COLORS)]
