@@ -71,6 +71,9 @@ class CorpusSettings:
     too_long: str = setting("truncate", "'truncate' or 'skip' documents over max_chars")
     shard_size: int = setting(2_000, "documents per parquet shard")
     limit: int | None = setting(None, "stop after this many kept documents (None: all)")
+    sample_fraction: float = setting(1.0, "keep each document with this probability, decided by a seeded hash of its "
+                                          "id (split_seed): the same documents whatever the file order, every "
+                                          "source in proportion (1.0: all); unlike `limit`, which keeps the first ones")
     hf_split: str = setting("train", "split of a Hugging Face dataset when the spec names none")
     heldout_fraction: float = setting(0.0, "fraction of origin groups (chosen by a seeded hash of the group key) "
                                            "written to a held-out step instead; see split_heldout")
@@ -98,6 +101,8 @@ class CorpusSettings:
                 raise ValueError(f"{name} must be a positive whole number, got {value!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be None or a positive whole number, got {self.limit!r}")
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
         if self.drop_overlap and self.overlap_step is None:
             raise ValueError("drop_overlap needs overlap_step (the step holding the reference set)")
 
@@ -119,6 +124,7 @@ class IngestReport:
     read: int = 0
     kept: int = 0
     heldout: int = 0
+    sampled_out: int = 0  # left out by CorpusSettings.sample_fraction
     truncated: int = 0
     split: dict[str, Any] = field(default_factory=dict)
     worst_cut: dict[str, Any] | None = None  # the truncated document that kept the smallest fraction
@@ -138,7 +144,8 @@ class IngestReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "read": self.read, "kept": self.kept, "heldout": self.heldout, "truncated": self.truncated,
+            "read": self.read, "kept": self.kept, "heldout": self.heldout, "sampled_out": self.sampled_out,
+            "truncated": self.truncated,
             "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),
             "by_file": {k: dict(v) for k, v in self.by_file.items()}, "examples": self.examples,
             "heldout_split": self.split,
@@ -631,6 +638,10 @@ def _ingest_staged(store: RunStore, specs: list[str], step: str, params: dict[st
         writer = _ShardWriter(folder, settings.shard_size)
         records = (rec for spec in specs for rec in iter_records(spec, settings))
         for row, heldout in clean_records(records, settings, report, count_tokens, overlap):
+            if settings.sample_fraction < 1.0 and hash_unit(f"sample:{row['id']}", settings.split_seed) >= \
+                    settings.sample_fraction:
+                report.sampled_out += 1
+                continue
             if heldout and held is not None:
                 held.add(row)
                 report.heldout += 1
@@ -649,7 +660,7 @@ def _ingest_staged(store: RunStore, specs: list[str], step: str, params: dict[st
         summary = report.as_dict() | {"shards": [p.name for p in writer.paths]}
         write_json_atomic(folder / "summary.json", summary)
         info["documents"] = report.kept
-    if report.read != report.kept + report.heldout:
+    if report.read != report.kept + report.heldout + report.sampled_out:
         log.warning("%s: %s", step, report.describe())
     for line in report.warnings(step, settings):
         log.warning("%s", line)

@@ -117,3 +117,29 @@ def test_hf_streaming_path_on_local_files(store: RunStore, tmp_path: Path) -> No
     _write_jsonl(folder / "train.jsonl", [_rec(i, f"streamed {i}") for i in range(3)])
     ingest(store, f"hf:{folder}@train")
     assert read_corpus(store)["text"].tolist() == ["streamed 0", "streamed 1", "streamed 2"]
+
+
+def test_sample_fraction_keeps_a_seeded_share_of_every_source_whatever_the_file_order(tmp_path: Path) -> None:
+    """sample_fraction keeps each document by a hash of its id: about that share of each source, the same ids when
+    the files are read in another order, and a smaller fraction keeps a subset of a larger one."""
+    lines = [_rec(i, f"document {i} of {'ab'[i % 2]}", source="ab"[i % 2]) for i in range(400)]
+    (tmp_path / "f").mkdir()
+    (tmp_path / "b").mkdir()
+    forward = _write_jsonl(tmp_path / "f" / "pool.jsonl", lines)
+    backward = _write_jsonl(tmp_path / "b" / "pool.jsonl", lines[::-1])
+
+    def kept(path: Path, fraction: float, name: str) -> pd.DataFrame:
+        store = RunStore(tmp_path / name)
+        summary = ingest(store, str(path), settings=CorpusSettings(sample_fraction=fraction))
+        assert summary["kept"] + summary["sampled_out"] == 400
+        return read_corpus(store)
+
+    quarter = kept(forward, 0.25, "q")
+    assert set(quarter["id"]) == set(kept(backward, 0.25, "qb")["id"])  # not the first documents read
+    assert 60 <= len(quarter) <= 140  # 400 x 0.25 = 100, binomial sd 8.7: +-40 is over 4.5 sd
+    for source in "ab":
+        assert 25 <= (quarter["source"] == source).sum() <= 75  # each source in proportion (mean 50, sd 6.1)
+    assert set(quarter["id"]) < set(kept(forward, 0.5, "h")["id"])
+    assert len(kept(forward, 1.0, "all")) == 400
+    with pytest.raises(ValueError, match="sample_fraction"):
+        CorpusSettings(sample_fraction=0.0)
