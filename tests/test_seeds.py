@@ -107,7 +107,9 @@ def test_each_seed_trains_on_its_own_selection(selected, monkeypatch: pytest.Mon
 
     calls.clear()
     evaluate_selections(store, ["random"], "base", None, train, SEEDS, EvalSettings(), vary_selection=False)
-    assert [c[2] for c in calls] == [SEEDS] and calls[0][3]["selection_seed"] == 0
+    assert [c[2] for c in calls] == [[s] for s in SEEDS]  # every seed, each on the run's one selection
+    assert {c[1] for c in calls} == {texts_sha256(train_eval.read_selection_texts(store, "random"))}
+    assert all(c[3]["selection_seed"] == 0 and not c[3]["selection_varies"] for c in calls)
     with pytest.raises(FileNotFoundError, match="select_for_seeds"):
         evaluate_selections(store, ["random"], "base", None, train, [7], EvalSettings())
 
