@@ -158,6 +158,41 @@ def test_proxy_steps_equal_the_influence_scorer_and_the_probe(corpus: RunStore, 
     np.testing.assert_allclose(actor_scorer(texts[:8]), expected_scores[:8], rtol=1e-4, atol=1e-6)
 
 
+def test_ray_chunks_are_the_local_batches_so_scores_are_bit_identical(corpus: RunStore, tmp_path: Path) -> None:
+    """What `quad select --executor ray` sends each actor (`influence_partition`: the driver scorer's
+    own batches) scored by the actors' scorer (`influence_scorer_factory`: proxy and estimator read
+    from disk) gives exactly the local scores, whatever order the chunks are scored in."""
+    from quadlib.execution.doc_scorer import influence_partition
+    from quadlib.influence.estimators import make_estimator
+    from quadlib.influence.scorer import InfluenceScorer
+    from quadlib.proxy.checkpoint import save_model
+    from quadlib.proxy.configs import build_model
+    from quadlib.proxy.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    texts = pd.concat([pd.read_parquet(s) for s in corpus.shards("corpus")])["text"].tolist()
+    # 21 documents of 4 to 24 words: padded batches differ unless the actors get the scorer's own batches
+    texts = [" ".join((text + " " + text).split()[:4 + i]) for i, text in enumerate(texts[:21])]
+    save_model(build_model("test-llama", tokenizer=train_bpe_tokenizer(texts, 300, tmp_path / "tok"), device="cpu"),
+               load_tokenizer(tmp_path / "tok"), tmp_path / "model")
+    tokenizer = load_tokenizer(tmp_path / "model")
+    model = build_model(str(tmp_path / "model"), tokenizer=tokenizer, device="cpu").eval()  # as load_proxy
+    local = InfluenceScorer(model, tokenizer, make_estimator("kfac_joint_qkv"), max_length=32, batch_size=4,
+                            device="cpu")
+    local.fit_texts(texts[:12])
+    local.set_reference_texts(texts[12:18])
+    local.estimator.save(tmp_path / "estimator.safetensors")  # a first run scores with the estimator it fitted
+    expected = local.score_texts(texts)  # [21]
+
+    chunks = influence_partition(local)(texts)
+    assert len(chunks) == 6 and sorted(i for rows in chunks for i in rows) == list(range(21))
+    actor = influence_scorer_factory(InfluenceStep(tmp_path / "model", tmp_path / "estimator.safetensors",
+                                                   max_length=32, batch_size=4, device="cpu"))()
+    got = np.full(len(texts), np.nan)
+    for rows in reversed(chunks):  # any actor, any order
+        got[rows] = actor([texts[i] for i in rows])
+    assert np.array_equal(got, expected), np.abs(got - expected).max()
+
+
 def test_scaleout_writes_the_clustering_cluster_corpus_writes(corpus: RunStore) -> None:
     """The scale-out's assign step ends in `<run>/cluster/`, the files every reader of the clustering
     uses (notebook 03, `quad select`), equal to what `cluster_corpus` makes from the same embeddings."""
