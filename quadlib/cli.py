@@ -206,11 +206,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     args = evaluate_parser().parse_args(args.deferred_args)
     options = settings_from_options(EvaluateSettings, args)
-    records = evaluate_run(RunStore(args.run), options.seeds,
+    records = evaluate_run(RunStore(args.run), options,
                            settings_from_options(TrainSettings, args, prefix="train-", defaults=EVALUATE_TRAIN),
-                           settings_from_options(EvalSettings, args, prefix="eval-"), estimator=options.estimator,
-                           executor=settings_from_options(ExecutorSettings, args), from_scratch=options.from_scratch,
-                           methods=options.methods)
+                           settings_from_options(EvalSettings, args, prefix="eval-"),
+                           executor=settings_from_options(ExecutorSettings, args))
     print(f"[quad] {len(records)} trained models evaluated; metrics under {Path(args.run).resolve()}/eval/")
 
 

@@ -270,6 +270,10 @@ class EvaluateSettings:
     methods: list[str] | None = setting(None, "methods to evaluate (None: every selection the run holds)")
     estimator: str = setting("kfac_joint_qkv", "the influence scorer the selections were made with")
     from_scratch: bool = setting(False, "train from a fresh initialisation instead of the warm-up checkpoint")
+    workers: int = setting(1, "(method, seed) pairs trained and evaluated at once, in worker processes")
+    worker_threads: int = setting(1, "torch threads of each worker process")
+    keep_models: bool = setting(True, "save the trained weights (metrics and per-item results are always kept)")
+    untrained: bool = setting(False, "also evaluate the starting model itself, as the method 'untrained'")
 
 
 # notebook 05's training settings: every method's model trains on the same number of tokens
@@ -383,17 +387,15 @@ def selected_methods(store: RunStore) -> list[str]:
     return [m for m in SELECTORS if store.is_done(f"selections/{m}")]
 
 
-def evaluate_run(store: RunStore, seeds: list[int], train: TrainSettings, evaluation: Any, *,
-                 estimator: str = "kfac_joint_qkv", executor: Any = None, from_scratch: bool = False,
-                 methods: list[str] | None = None, **train_options: Any) -> list[dict[str, Any]]:
+def evaluate_run(store: RunStore, options: EvaluateSettings, train: TrainSettings, evaluation: Any, *,
+                 executor: Any = None) -> list[dict[str, Any]]:
     """`quad evaluate`, notebook 05's first half: re-make every selection with each seed
     (`select_for_seeds`, scored on `executor`), then train and evaluate them all
-    (`quadlib.evaluation.train_eval.evaluate_selections`, `train_options` passed through).
-    Returns its records."""
+    (`quadlib.evaluation.train_eval.evaluate_selections`). Returns its records."""
     from quadlib.evaluation.train_eval import evaluate_selections
     from quadlib.execution import ExecutorSettings
 
-    methods = methods or selected_methods(store)
+    methods, seeds, estimator = options.methods or selected_methods(store), list(options.seeds), options.estimator
     if not methods:
         raise FileNotFoundError(f"{store.root}: no selection to evaluate; run `quad select --run {store.root}` first")
     parts = run_context(store, estimator, seeds[0], executor or ExecutorSettings())
@@ -402,4 +404,6 @@ def evaluate_run(store: RunStore, seeds: list[int], train: TrainSettings, evalua
     finally:
         parts.stop()
     return evaluate_selections(store, methods, store.root / "proxy" / "model", parts.tokenizer, train, seeds,
-                               evaluation, from_scratch=from_scratch, **train_options)
+                               evaluation, from_scratch=options.from_scratch, workers=options.workers,
+                               worker_threads=options.worker_threads, keep_models=options.keep_models,
+                               untrained=options.untrained)

@@ -133,11 +133,6 @@ def test_select_then_evaluate_from_an_ingested_run(tmp_path) -> None:
             assert metrics["selection_seed"] == seed, (method, seed)
 
 
-        main(["scale", "--run", "unused", "--steps", "no-such-step"])
-    assert refused.value.code == 2
-    assert "invalid choice: 'no-such-step'" in capsys.readouterr().err
-
-
 def test_set_overrides_reach_only_the_notebooks_that_declare_them() -> None:
     from quadlib.reports import NOTEBOOKS, parse_overrides
 
