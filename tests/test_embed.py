@@ -114,3 +114,25 @@ def test_misaligned_embedding_shard_is_rejected(store: RunStore) -> None:
     store.mark_done("embed", "shard-00000")
     with pytest.raises(ValueError, match="7 rows but .* 8 documents"):
         load_embeddings(store)
+
+
+def test_long_texts_are_read_only_as_far_as_the_cap_and_vectors_match_encode(
+        embedder: ShardEmbedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's preprocessing sees a long text cut at a whitespace after CHARS_PER_TOKEN x max_seq_length
+    characters (encode hands it the whole text); a cut that would leave fewer tokens than the cap (a long run
+    of spaces, a text without whitespace) falls back to the whole text. Vectors equal encode's in input order:
+    only batch composition differs (float32 GEMM blocking; a unit vector's components after six layers agree
+    to well under 1e-5)."""
+    long_texts = ["Stock markets fell sharply on Monday as investors sold. " * 60, " " * 600 + "A kitten sleeps.",
+                  "x" * 900, TEXTS[0], "The dog chased the ball across the wide green park. " * 40, TEXTS[3]]
+    limit = embed_module.CHARS_PER_TOKEN * SETTINGS.max_seq_length
+    seen: list[str] = []
+    preprocess = embedder.model.preprocess
+    monkeypatch.setattr(embedder.model, "preprocess", lambda texts, *a, **k: seen.extend(texts) or preprocess(texts, *a, **k))
+    ours = embedder(long_texts)
+    assert max(len(t) for t in seen if "Stock" in t or "dog" in t) <= limit
+    assert {t for t in seen if len(t) > limit} == {long_texts[1], long_texts[2]}
+    monkeypatch.undo()
+    theirs = embedder.model.encode(long_texts, batch_size=SETTINGS.batch_size, normalize_embeddings=True,
+                                   convert_to_numpy=True)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
