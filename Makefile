@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY := PASSIVE
 # 04_ablate is left out: its grids are the default demo's.
 REAL_RUN ?= runs/real-smollm2
 REAL_ARGS ?= --pool '../shared/data/pool/*.jsonl.gz' --reference ../shared/data/reference/lambada_test.jsonl.gz \
-	--eval-dir ../shared/data/eval --lambada --no-ablations --budget-fraction 0.01 --seeds 0 1 \
+	--eval-dir ../shared/data/eval --lambada --no-ablations --budget-fraction 0.01 --seeds 0 \
 	--train-tokens 4096 --task-limit 10 --set POOL_FRACTION=0.1 --set PROXY_MODEL=smollm2-135m \
 	--set TOKENIZER_VOCAB=null --set 'COMPARE=["kfac_joint_qkv"]' --set FIT_DOCS=32 \
 	--set REFERENCE_DOCS=64 --set SAMPLES_PER_CLUSTER=2 \

@@ -32,7 +32,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from quadlib.corpus import EVALUATION_PART, read_corpus, read_reference
@@ -294,33 +293,36 @@ def evaluate_selections(store: RunStore, methods: Sequence[str], base_model: str
     and is skipped when done, so a killed run loses at most the pairs in flight). `untrained` also
     evaluates `base_model` itself as the method "untrained" (`evaluate_untrained`), the reference
     point for what training on any selection did. `keep_models=False` saves no trained weights
-    (metrics and per-item results are kept). Records come back in method-then-seed order.
+    (metrics and per-item results are kept). `progress` prints one line per finished pair.
+    Records come back in method-then-seed order.
     """
     jobs = pair_jobs(store, methods, seeds, vary_selection=vary_selection)
     records: list[dict[str, Any]] = []
     if untrained:
         records += evaluate_untrained(store, base_model, tokenizer, seeds, eval_settings, from_scratch=from_scratch)
+    start = time.perf_counter()
+
+    def announce(job: PairJob, done: int) -> None:  # one line per finished pair: light on a notebook's output
+        if progress:
+            print(f"[quad] {job.method} seed {job.seed} trained and evaluated ({done}/{len(jobs)}, "
+                  f"{time.perf_counter() - start:.0f} s)", flush=True)
+
     if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
+        for done, job in enumerate(jobs, 1):
             records += _run_pair(store, job, base_model, tokenizer, train_settings, eval_settings,
-                                 from_scratch=from_scratch, progress=progress, keep_model=keep_models)
+                                 from_scratch=from_scratch, progress=False, keep_model=keep_models)
+            announce(job, done)
         return records
     results: dict[int, list[dict[str, Any]]] = {}
-    start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # no forked torch state; CUDA-safe
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
                              initargs=(worker_threads,)) as pool:
         futures = {pool.submit(_worker_pair, str(store.root), job, str(base_model), tokenizer, train_settings,
                                eval_settings, from_scratch, keep_models): i for i, job in enumerate(jobs)}
-        bar = tqdm(total=len(jobs), desc=f"train+evaluate ({workers} workers)", disable=not progress)
         for future in as_completed(futures):
             i = futures[future]
             results[i] = future.result()  # a worker's error stops the run; finished pairs stay on disk
-            bar.update(1)
-            if progress:
-                bar.write(f"[quad] {jobs[i].method} seed {jobs[i].seed} done "
-                          f"({len(results)}/{len(jobs)}, {time.perf_counter() - start:.0f} s)")
-        bar.close()
+            announce(jobs[i], len(results))
     for i in range(len(jobs)):
         records += results[i]
     return records
