@@ -129,5 +129,24 @@ def vowel_share_scorer() -> Callable[[list[str]], np.ndarray]:
     return score
 
 
+class CrashOnceScorer:
+    """A scorer factory (see `vowel_share_scorer`) whose actor dies on its first call (a marker file
+    remembers it), for the test that a killed scoring actor loses no score."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __call__(self) -> Callable[[list[str]], np.ndarray]:
+        score, marker = vowel_share_scorer(), self.marker
+
+        def crash_once(texts: list[str]) -> np.ndarray:
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os._exit(1)  # a hard actor death in the middle of a bandit round
+            return score(texts)
+
+        return crash_once
+
+
 if __name__ == "__main__":
     run_slow_step(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
