@@ -106,16 +106,21 @@ def test_a_killed_ray_driver_resumes_from_finished_shards(ray_address: str, tmp_
     assert_exactly_once(store, SlowStep())
 
 
-def test_bandit_on_ray_actors_selects_what_the_local_bandit_selects(ray_address: str, tmp_path: Path) -> None:
+def _local_bandit(tmp_path: Path):
+    """A 40-document pool in 4 clusters, its texts and token counts, bandit settings, and the local selection."""
     store = RunStore(tmp_path / "run")
     make_corpus(store, tmp_path, n_docs=40, shard_size=10)
     pool = read_corpus(store)
     assignments = pd.DataFrame({"id": pool["id"], "cluster": np.arange(len(pool)) % 4})
     texts, n_tokens = dict(zip(pool["id"], pool["text"])), dict(zip(pool["id"], pool["n_tokens"]))
     settings = BanditSettings(k=2, batch_size=4, gamma=0.5, tau=0.0, budget_tokens=120, alpha=0.01)
+    local = run_bandit(pool, assignments, CachingScorer(vowel_share_scorer(), texts, n_tokens,
+                                                        tmp_path / "local.parquet"), settings, progress=False)
+    return pool, assignments, texts, n_tokens, settings, local
 
-    local = run_bandit(pool, assignments, CachingScorer(vowel_share_scorer(), texts, n_tokens, tmp_path / "local.parquet"), settings,
-                       progress=False)
+
+def test_bandit_on_ray_actors_selects_what_the_local_bandit_selects(ray_address: str, tmp_path: Path) -> None:
+    pool, assignments, texts, n_tokens, settings, local = _local_bandit(tmp_path)
     selections = []
     for workers in (1, 2):
         scorer = ray_doc_scorer(vowel_share_scorer, texts, n_tokens, tmp_path / f"ray{workers}.parquet",
@@ -129,18 +134,10 @@ def test_bandit_on_ray_actors_selects_what_the_local_bandit_selects(ray_address:
         assert result.cost.docs_scored == local.cost.docs_scored
 
 
-
 def test_a_killed_scoring_actor_loses_no_score(ray_address: str, tmp_path: Path) -> None:
     """The bandit's only scoring actor dies in its first round: Ray restarts it and retries the chunk,
     and the selection is the local one."""
-    store = RunStore(tmp_path / "run")
-    make_corpus(store, tmp_path, n_docs=40, shard_size=10)
-    pool = read_corpus(store)
-    assignments = pd.DataFrame({"id": pool["id"], "cluster": np.arange(len(pool)) % 4})
-    texts, n_tokens = dict(zip(pool["id"], pool["text"])), dict(zip(pool["id"], pool["n_tokens"]))
-    settings = BanditSettings(k=2, batch_size=4, gamma=0.5, tau=0.0, budget_tokens=120, alpha=0.01)
-    local = run_bandit(pool, assignments, CachingScorer(vowel_share_scorer(), texts, n_tokens,
-                                                        tmp_path / "local.parquet"), settings, progress=False)
+    pool, assignments, texts, n_tokens, settings, local = _local_bandit(tmp_path)
     marker = tmp_path / "actor-died"
     scorer = ray_doc_scorer(CrashOnceScorer(marker), texts, n_tokens, tmp_path / "ray.parquet",
                             RaySettings(num_workers=1), chunk_size=3)
