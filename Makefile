@@ -23,7 +23,8 @@ REAL_ARGS ?= --pool '../shared/data/pool/*.jsonl.gz' --reference ../shared/data/
 	--set REFERENCE_DOCS=64 --set SAMPLES_PER_CLUSTER=2 \
 	--set 'METHODS=["random","topk_influence","topk_clusters","dsir","ppl","semdedup","mates","group_mates","qurating","quad","quad_released","topk_influence_quadcost"]' \
 	--set 03_bandit:SAMPLE_SIZE=48 --set N_ORACLE=8 --set MATES_INTERVALS=1 --set N_PAIRS=16 \
-	--set LR=1e-4 --set MAX_REFERENCE_DOCS=100 --set MAX_HELDOUT_DOCS=36 --set WORKERS=2 \
+	--set LR=1e-4 --set PROBE_LR=1e-4 --set 'METHOD_SETTINGS={"ppl": {"max_length": 128, "max_windows": 1}}' \
+	--set MAX_REFERENCE_DOCS=100 --set MAX_HELDOUT_DOCS=36 --set WORKERS=2 \
 	--set KEEP_MODELS=false --set SWEEP_SEEDS=2 --only 01_cluster 02_score 03_bandit 05_evaluate
 
 .PHONY: setup demo real test report bench clean

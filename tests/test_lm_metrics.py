@@ -60,6 +60,23 @@ def test_long_documents_are_windowed_so_every_token_is_predicted_once(lm) -> Non
     assert windowed.mean_loss != pytest.approx(whole.mean_loss, rel=1e-6)  # shorter contexts, other loss
 
 
+def test_max_windows_scores_each_documents_first_windows_only(lm) -> None:
+    model, tokenizer = lm
+    text = " ".join(TEXTS[:2]) * 3
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    first, two = (text_losses(model, tokenizer, [text, TEXTS[2]], LMMetricSettings(max_length=8, max_windows=w))
+                  for w in (1, 2))  # "x": one window
+    short = text_losses(model, tokenizer, [TEXTS[2]], LMMetricSettings(max_length=8))
+    assert first.doc_tokens[0] == 7 and two.doc_tokens[0] == 14  # windows of 8 overlap by one token
+    with torch.no_grad():  # the first window alone, brute force: 7 predicted tokens
+        window = torch.tensor([ids[:8]])
+        expected = float(F.cross_entropy(model(input_ids=window).logits[0, :-1], window[0, 1:], reduction="sum"))
+    assert first.doc_nll[0] == pytest.approx(expected, rel=1e-5)
+    assert first.doc_nll[1] == pytest.approx(short.doc_nll[0], rel=1e-5)  # a short document is untouched
+    with pytest.raises(ValueError, match="max_windows"):
+        text_losses(model, tokenizer, [text], LMMetricSettings(max_windows=0))
+
+
 def test_reference_metrics_keys_and_consistency(lm) -> None:
     model, tokenizer = lm
     out = reference_metrics(model, tokenizer, TEXTS)

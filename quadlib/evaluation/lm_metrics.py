@@ -36,6 +36,7 @@ class LMMetricSettings:
     batch_size: int = setting(16, "sequences per forward pass")
     batch_tokens: int = setting(16_384, "padded tokens per forward pass (bounds the [B, T, vocab] logits)")
     max_length: int | None = setting(None, "window length in tokens; None uses the model's context length")
+    max_windows: int | None = setting(None, "score only each document's first N windows (None: every token)")
     progress: bool = setting(False, "show tqdm progress bars")
 
 
@@ -85,8 +86,10 @@ def text_losses(model: torch.nn.Module, tokenizer, texts: Sequence[str],
     rows: list[list[int]] = []
     owner: list[int] = []
     encoded = encode_documents(tokenizer, texts, max_length=None) if len(texts) else []
+    if settings.max_windows is not None and settings.max_windows < 1:
+        raise ValueError(f"max_windows must be at least 1 or None, got {settings.max_windows}")
     for doc, ids in enumerate(encoded):
-        for row in _windows(ids, max_length):
+        for row in _windows(ids, max_length)[:settings.max_windows]:
             rows.append(row)
             owner.append(doc)
     doc_nll = np.zeros(len(texts), dtype=np.float64)

@@ -70,6 +70,9 @@ class ProbeModel(Protocol):
         ...
 
 
+PROBE_LR = 1e-3  # the probe's default learning rate: the warm-up proxy's (`quadlib.proxy.TrainSettings`)
+
+
 class HFProbeModel:
     """`ProbeModel` on a Hugging Face causal LM, its tokenizer and the reference texts.
 
@@ -78,7 +81,7 @@ class HFProbeModel:
     `quadlib.proxy.encode_documents`, as in training and influence; the tokenizer needs an eos token.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, reference_texts: Sequence[str], *, lr: float = 1e-3,
+    def __init__(self, model: torch.nn.Module, tokenizer, reference_texts: Sequence[str], *, lr: float = PROBE_LR,
                  optimizer: str = "adamw", grad_clip: float = 1.0, max_length: int = 256, batch_size: int = 16,
                  device: str | None = None) -> None:
         if optimizer not in OPTIMIZERS:

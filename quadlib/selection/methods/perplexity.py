@@ -38,6 +38,8 @@ class PerplexitySettings:
     reference_model: str = setting("proxy", "the scoring LM: 'proxy' (the run's proxy model), a packaged model "
                                    "('smollm2-135m') or a folder / hub name of a trained causal LM (its own tokenizer)")
     max_length: int | None = setting(None, "tokens per scoring window (None: the model's context length)")
+    max_windows: int | None = setting(None, "score only each document's first N windows, a cheaper estimate "
+                                      "of its perplexity (None: every token)")
     batch_size: int = setting(16, "windows per forward pass")
 
 
@@ -78,7 +80,7 @@ class PerplexitySelector(Selector):
         model, tokenizer, identity = reference_lm(ctx, self.settings.reference_model)
         texts = ctx.pool["text"].tolist()
         losses = text_losses(model, tokenizer, texts, LMMetricSettings(
-            max_length=self.settings.max_length, batch_size=self.settings.batch_size, progress=False))
+            max_length=self.settings.max_length, max_windows=self.settings.max_windows, batch_size=self.settings.batch_size, progress=False))
         log_ppl = losses.doc_mean_losses  # [n_pool] nats per predicted token
         if np.isnan(log_ppl).any():
             raise ValueError(f"ppl: {int(np.isnan(log_ppl).sum())} pool document(s) have no token to predict")
