@@ -115,21 +115,17 @@ def cmd_scale(args: argparse.Namespace) -> None:
         print(f"{name}: {len(run.processed)} shards processed ({run.rows} documents), {run.skipped} already done")
 
 
-def select_parser() -> argparse.ArgumentParser:
-    """`quad select`'s options, generated from the settings dataclasses (imports the library: built
-    only when the command runs)."""
+def add_selection_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """The options of making selections (what `quad select` takes; `quad evaluate` too, for methods the
+    run has not selected yet), generated from the settings dataclasses; `skip`: SelectSettings fields
+    the command declares itself."""
     from quadlib.cluster import ClusterSettings
     from quadlib.embed import EmbedSettings
-    from quadlib.execution import ExecutorSettings
     from quadlib.pipeline import ProxySettings, ScoreSettings, SelectSettings
     from quadlib.selection import SELECTORS
     from quadlib.settings import add_options
 
-    parser = argparse.ArgumentParser(prog="quad select", description=SELECT_HELP + ". " + SELECT_DETAILS)
-    parser.add_argument("--run", required=True, help="run folder made by `quad ingest` (and `quad scale`) or the "
-                                                     "notebooks; its finished steps are reused")
-    add_options(parser, SelectSettings, title="selection")
-    add_options(parser, ExecutorSettings, title="executor")
+    add_options(parser, SelectSettings, title="selection", skip=tuple(skip))
     add_options(parser, EmbedSettings, prefix="embed-", title="embeddings (made when the run has none)")
     add_options(parser, ClusterSettings, prefix="cluster-", title="clusters (made when the run has none)")
     add_options(parser, ProxySettings, prefix="proxy-", title="proxy warm-up (when the run has no proxy)")
@@ -138,6 +134,33 @@ def select_parser() -> argparse.ArgumentParser:
     for name, cls in SELECTORS.items():
         add_options(parser, cls.settings_type, prefix=f"{name.replace('_', '-')}-", defaults=cls().settings,
                     title=f"method {name} (used when --methods names it)")
+
+
+def selection_inputs(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, Any]:
+    """`select_run`'s keyword arguments from the options `add_selection_options` declared."""
+    from quadlib.cluster import ClusterSettings
+    from quadlib.embed import EmbedSettings
+    from quadlib.pipeline import ProxySettings, ScoreSettings
+    from quadlib.settings import settings_from_options
+
+    return {"method_settings": method_overrides(args, methods),
+            "proxy": settings_from_options(ProxySettings, args, prefix="proxy-"),
+            "score": settings_from_options(ScoreSettings, args, prefix="score-"),
+            "embed": settings_from_options(EmbedSettings, args, prefix="embed-"),
+            "cluster": settings_from_options(ClusterSettings, args, prefix="cluster-")}
+
+
+def select_parser() -> argparse.ArgumentParser:
+    """`quad select`'s options, generated from the settings dataclasses (imports the library: built
+    only when the command runs)."""
+    from quadlib.execution import ExecutorSettings
+    from quadlib.settings import add_options
+
+    parser = argparse.ArgumentParser(prog="quad select", description=SELECT_HELP + ". " + SELECT_DETAILS)
+    parser.add_argument("--run", required=True, help="run folder made by `quad ingest` (and `quad scale`) or the "
+                                                     "notebooks; its finished steps are reused")
+    add_options(parser, ExecutorSettings, title="executor")
+    add_selection_options(parser)
     return parser
 
 
@@ -158,22 +181,16 @@ def method_overrides(args: argparse.Namespace, methods: Sequence[str]) -> dict[s
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from quadlib.cluster import ClusterSettings
-    from quadlib.embed import EmbedSettings
     from quadlib.execution import ExecutorSettings
-    from quadlib.pipeline import ProxySettings, ScoreSettings, SelectSettings, check_methods, select_run
+    from quadlib.pipeline import SelectSettings, check_methods, select_run
     from quadlib.runstore import RunStore
     from quadlib.settings import settings_from_options
 
     args = select_parser().parse_args(args.deferred_args)
     select = settings_from_options(SelectSettings, args)
     check_methods(select.methods)
-    summary = select_run(RunStore(args.run), select, method_overrides(args, select.methods),
-                         executor=settings_from_options(ExecutorSettings, args),
-                         proxy=settings_from_options(ProxySettings, args, prefix="proxy-"),
-                         score=settings_from_options(ScoreSettings, args, prefix="score-"),
-                         embed=settings_from_options(EmbedSettings, args, prefix="embed-"),
-                         cluster=settings_from_options(ClusterSettings, args, prefix="cluster-"))
+    summary = select_run(RunStore(args.run), select, executor=settings_from_options(ExecutorSettings, args),
+                         **selection_inputs(args, select.methods))
     print(summary.to_string(index=False))
     print(f"[quad] selections in {Path(args.run).resolve()}/select-<method>/ (selected.parquet, manifest.json)")
 
@@ -187,12 +204,15 @@ def evaluate_parser() -> argparse.ArgumentParser:
     from quadlib.settings import add_options
 
     parser = argparse.ArgumentParser(prog="quad evaluate", description=EVALUATE_HELP)
-    parser.add_argument("--run", required=True, help="run folder holding the selections (`quad select`)")
+    parser.add_argument("--run", required=True, help="run folder: ingested (`quad ingest`) or holding selections "
+                                                     "(`quad select`); a method named in --methods that the run "
+                                                     "has not selected is selected first")
     add_options(parser, EvaluateSettings, title="evaluation")
-    add_options(parser, ExecutorSettings, title="executor (scores the re-made selections)")
+    add_options(parser, ExecutorSettings, title="executor (embeds, clusters and scores the selections it makes)")
     add_options(parser, TrainSettings, prefix="train-", defaults=EVALUATE_TRAIN,
                 title="training, the same for every method and seed")
     add_options(parser, EvalSettings, prefix="eval-", title="measurements")
+    add_selection_options(parser, skip=("methods", "estimator", "seed"))
     return parser
 
 
@@ -204,12 +224,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from quadlib.runstore import RunStore
     from quadlib.settings import settings_from_options
 
+    from quadlib.pipeline import check_methods
+
     args = evaluate_parser().parse_args(args.deferred_args)
     options = settings_from_options(EvaluateSettings, args)
+    check_methods(options.methods or [])
     records = evaluate_run(RunStore(args.run), options,
                            settings_from_options(TrainSettings, args, prefix="train-", defaults=EVALUATE_TRAIN),
                            settings_from_options(EvalSettings, args, prefix="eval-"),
-                           executor=settings_from_options(ExecutorSettings, args))
+                           executor=settings_from_options(ExecutorSettings, args),
+                           budget_fraction=args.budget_fraction, **selection_inputs(args, options.methods or []))
     print(f"[quad] {len(records)} trained models evaluated; metrics under {Path(args.run).resolve()}/eval/")
 
 

@@ -397,17 +397,38 @@ def selected_methods(store: RunStore) -> list[str]:
 
 
 def evaluate_run(store: RunStore, options: EvaluateSettings, train: TrainSettings, evaluation: Any, *,
-                 executor: Any = None) -> list[dict[str, Any]]:
-    """`quad evaluate`, notebook 05's first half: re-make every selection with each seed
+                 executor: Any = None, budget_fraction: float | None = None, **select: Any) -> list[dict[str, Any]]:
+    """`quad evaluate`, notebook 05's first half: make the selection of every method in `options.methods`
+    the run does not hold yet (`select_run` at `budget_fraction`, with `select`'s settings: so one
+    command goes from an ingested pool to evaluated selections), re-make every selection with each seed
     (`select_for_seeds`, scored on `executor`), then train and evaluate them all
-    (`quadlib.evaluation.train_eval.evaluate_selections`). Returns its records."""
+    (`quadlib.evaluation.train_eval.evaluate_selections`). Returns its records.
+
+    Every method must have been selected at one token budget; a run mixing budgets is refused.
+    """
     from quadlib.evaluation.train_eval import evaluate_selections
     from quadlib.execution import ExecutorSettings
 
     methods, seeds, estimator = options.methods or selected_methods(store), list(options.seeds), options.estimator
     if not methods:
-        raise FileNotFoundError(f"{store.root}: no selection to evaluate; run `quad select --run {store.root}` first")
-    parts = run_context(store, estimator, seeds[0], executor or ExecutorSettings())
+        raise FileNotFoundError(f"{store.root}: no selection to evaluate; name --methods or run "
+                                f"`quad select --run {store.root}` first")
+    executor = executor or ExecutorSettings()
+    missing = [m for m in methods if not store.is_done(f"selections/{m}")]
+    budgets = {m: store.read_config(f"selections/{m}")["params"]["budget_tokens"] for m in methods if m not in missing}
+    fraction = SelectSettings().budget_fraction if budget_fraction is None else budget_fraction
+    if missing:
+        store.require_done("corpus", "quad evaluate (run `quad ingest` first)")
+        pool_tokens = int(read_corpus(store, columns=["n_tokens"])["n_tokens"].sum())
+        budgets.update(dict.fromkeys(missing, int(fraction * pool_tokens)))  # select_run's budget
+    if len(set(budgets.values())) > 1:
+        raise ValueError(f"{store.root}: the methods would be compared at different token budgets {budgets}; "
+                         "evaluate each budget's methods separately, or pass the --budget-fraction they were "
+                         "selected at")
+    if missing:
+        select_run(store, SelectSettings(methods=missing, budget_fraction=fraction, estimator=estimator,
+                                         seed=seeds[0]), executor=executor, **select)
+    parts = run_context(store, estimator, seeds[0], executor)
     try:
         select_for_seeds(store, parts.ctx.scorer, parts.model, parts.tokenizer, methods, seeds)
     finally:

@@ -111,6 +111,8 @@ def test_select_then_evaluate_from_an_ingested_run(tmp_path) -> None:
     from executor_steps import TINY_SELECT, ingest_tiny_run
 
     from quadlib.cluster import load_assignments
+    from quadlib.pipeline import EvaluateSettings, evaluate_run
+    from quadlib.proxy import TrainSettings
     from quadlib.runstore import RunStore
     from quadlib.selection import read_selection
 
@@ -131,6 +133,18 @@ def test_select_then_evaluate_from_an_ingested_run(tmp_path) -> None:
         for seed in (0, 1):
             metrics = json.loads((store.root / "eval" / method / f"seed-{seed}" / "metrics.json").read_text())
             assert metrics["selection_seed"] == seed, (method, seed)
+
+    # one command from the ingested run: a method not selected yet is selected first, at one budget with the rest
+    budget = read_selection(store, "random")[1]["budget_tokens"]
+    with pytest.raises(ValueError, match="different token budgets"):  # refused before anything is selected
+        evaluate_run(store, EvaluateSettings(methods=["random", "dsir"], seeds=[0]), TrainSettings(), None,
+                     budget_fraction=0.5)
+    assert not store.is_done("selections/dsir")
+    main(["evaluate", "--run", str(store.root), "--methods", "random", "dsir", "--seeds", "0", "--budget-fraction",
+          "0.25", "--train-total-steps", "2", "--train-batch-size", "2", "--train-block-size", "32",
+          "--eval-max-reference-docs", "8", "--eval-max-heldout-docs", "8"])
+    assert read_selection(store, "dsir")[1]["budget_tokens"] == budget
+    assert (store.root / "eval" / "dsir" / "seed-0" / "metrics.json").exists()
 
 
 def test_set_overrides_reach_only_the_notebooks_that_declare_them() -> None:
