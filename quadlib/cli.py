@@ -115,7 +115,8 @@ def cmd_scale(args: argparse.Namespace) -> None:
         print(f"{name}: {len(run.processed)} shards processed ({run.rows} documents), {run.skipped} already done")
 
 
-def add_selection_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+def add_selection_options(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
+                          used: str = "used when --methods names it") -> None:
     """The options of making selections (what `quad select` takes; `quad evaluate` too, for methods the
     run has not selected yet), generated from the settings dataclasses; `skip`: SelectSettings fields
     the command declares itself."""
@@ -133,7 +134,7 @@ def add_selection_options(parser: argparse.ArgumentParser, skip: Sequence[str] =
                 title="influence scorer (fitted when the run has none; else the run's is used)")
     for name, cls in SELECTORS.items():
         add_options(parser, cls.settings_type, prefix=f"{name.replace('_', '-')}-", defaults=cls().settings,
-                    title=f"method {name} (used when --methods names it)")
+                    title=f"method {name} ({used})")
 
 
 def selection_inputs(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, Any]:
@@ -212,7 +213,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     add_options(parser, TrainSettings, prefix="train-", defaults=EVALUATE_TRAIN,
                 title="training, the same for every method and seed")
     add_options(parser, EvalSettings, prefix="eval-", title="measurements")
-    add_selection_options(parser, skip=("methods", "estimator", "seed"))
+    add_selection_options(parser, skip=("methods", "estimator", "seed"),
+                          used="used only if --methods names it and the run holds no selection of it yet; "
+                               "re-run `quad select` with new settings to replace one")
     return parser
 
 

@@ -29,7 +29,7 @@ from quadlib.runstore import RunStore, to_jsonable
 from quadlib.selection import (CachingScorer, SelectionContext, export_selection, make_selector, read_selection,
                                selection_store)
 from quadlib.selection.bandit import clustering_digest, scorer_identity
-from quadlib.selection.probes import PROBE_LR, HFProbeModel
+from quadlib.selection.probes import HFProbeModel
 from quadlib.settings import setting
 
 INFLUENCE_STEP = "influence"
@@ -146,16 +146,11 @@ def prepare_scorer(store: RunStore, model: PreTrainedModel, tokenizer: PreTraine
 
 
 def selection_context(store: RunStore, scorer: CachingScorer | None = None, model: PreTrainedModel | None = None,
-                      tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
-                      probe_lr: float = PROBE_LR) -> SelectionContext:
-    """Everything the selectors may need, read from the run folder; of the reference, only its selection part.
-
-    `probe_lr` is the learning rate of the probe's training steps (the MATES / Group-MATES oracles): one
-    step of the training the selection is for, so it should match the evaluation's learning rate.
-    """
+                      tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> SelectionContext:
+    """Everything the selectors may need, read from the run folder; of the reference, only its selection part."""
     ids, vectors = load_embeddings(store)
     reference = read_reference(store, SELECTION_PART, columns=["text"])["text"].tolist()
-    probe = HFProbeModel(model, tokenizer, reference[:64], lr=probe_lr) if model is not None and tokenizer is not None else None
+    probe = HFProbeModel(model, tokenizer, reference[:64]) if model is not None and tokenizer is not None else None
     warmup = latest_checkpoint(store.root / "proxy" / "checkpoints")
     if probe is not None and warmup is not None:
         probe.load_optimizer_moments(warmup)  # MATES probes continue the warm-up's AdamW state
@@ -181,11 +176,8 @@ def selection_key(ctx: SelectionContext) -> dict[str, Any]:
     per identity) and the reference texts the selectors read. A saved selection is reused only
     when all of them match (issue 14.4)."""
     reference = hashlib.sha256("\0".join(map(str, ctx.reference_texts)).encode()).hexdigest()
-    key = {"clusters": clustering_digest(ctx.assignments) if ctx.assignments is not None else None,
-           "scorer": scorer_identity(ctx.scorer), "reference": reference}
-    if ctx.probe is not None and getattr(ctx.probe, "lr", PROBE_LR) != PROBE_LR:
-        key["probe_lr"] = ctx.probe.lr  # only when changed, so selections made at the default keep their key
-    return key
+    return {"clusters": clustering_digest(ctx.assignments) if ctx.assignments is not None else None,
+            "scorer": scorer_identity(ctx.scorer), "reference": reference}
 
 
 def run_selections(store: RunStore, ctx: SelectionContext, plan: SelectionPlan) -> pd.DataFrame:
@@ -237,8 +229,7 @@ def select_for_seeds(store: RunStore, scorer: CachingScorer | None, model: PreTr
                                         f"{method!r}; run 03_bandit (run_selections) first")
             params = recorded["params"]
             if ctx is None:
-                ctx = selection_context(store, scorer, model, tokenizer, seed=seed,
-                                        probe_lr=params.get("probe_lr", PROBE_LR))
+                ctx = selection_context(store, scorer, model, tokenizer, seed=seed)
                 ctx.run_dir = target.root
             key = selection_key(ctx)
             changed = [k for k in key if k in params and params[k] != key[k]]

@@ -178,8 +178,8 @@ def test_ppl_keeps_its_band_of_the_reference_models_perplexity(reference_lm_dir,
     ctx = SelectionContext(pool=pool, seed=0)
     budget = int(pool["n_tokens"].sum() * 0.3)
     selection = make_selector("ppl", {"band": band, "reference_model": str(folder)}).select(ctx, budget)
-    truth = pd.Series(text_losses(model.eval(), tokenizer, pool["text"].tolist(), LMMetricSettings()).doc_mean_losses,
-                      index=pool["id"])
+    losses = text_losses(model.eval(), tokenizer, pool["text"].tolist(), LMMetricSettings())
+    truth = pd.Series(losses.doc_mean_losses, index=pool["id"])
     np.testing.assert_allclose(selection.scores, truth[selection.ids].to_numpy(), rtol=1e-5)  # float32 logits
     chosen, rest = truth[selection.ids], truth.drop(selection.ids)
     median = truth.median()
@@ -191,7 +191,9 @@ def test_ppl_keeps_its_band_of_the_reference_models_perplexity(reference_lm_dir,
         assert truth.quantile(0.35) < chosen.median() < truth.quantile(0.65)
         assert (chosen - median).abs().median() < (rest - median).abs().median() / 2
     assert selection.extra["reads"]["reference_model"] == str(folder)
-    assert selection.cost.forward_passes == len(pool) and selection.cost.backward_passes == 0
+    # one forward pass per window read (longer documents than the context are read in several)
+    assert selection.cost.forward_passes == losses.doc_windows.sum() > len(pool)
+    assert selection.cost.tokens == losses.tokens_fed and selection.cost.backward_passes == 0
 
 
 def test_ppl_refuses_an_untrained_architecture(reference_lm_dir):

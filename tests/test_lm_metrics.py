@@ -68,6 +68,9 @@ def test_max_windows_scores_each_documents_first_windows_only(lm) -> None:
                   for w in (1, 2))  # "x": one window
     short = text_losses(model, tokenizer, [TEXTS[2]], LMMetricSettings(max_length=8))
     assert first.doc_tokens[0] == 7 and two.doc_tokens[0] == 14  # windows of 8 overlap by one token
+    assert first.doc_windows.tolist() == [1, 1] and two.doc_windows.tolist() == [2, 1]
+    x_read = int(two.doc_tokens[1]) + 1  # "x" framed: one window, its tokens all read
+    assert two.tokens_fed == 8 + 8 + x_read and first.tokens_fed == 8 + x_read  # each window reads 8 tokens
     with torch.no_grad():  # the first window alone, brute force: 7 predicted tokens
         window = torch.tensor([ids[:8]])
         expected = float(F.cross_entropy(model(input_ids=window).logits[0, :-1], window[0, 1:], reduction="sum"))

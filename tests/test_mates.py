@@ -173,6 +173,29 @@ def test_mates_draws_the_highest_predictions_and_trains_between_intervals(data, 
         assert interval["spearman"] > interval["domain_mean_spearman"] - 0.5  # measured and reported
 
 
+def test_probe_lr_sets_every_probe_step_and_is_restored(data, encoder, monkeypatch):
+    pool, reference = data
+    probe = tiny_lm_probe(pool["text"].tolist(), reference, optimizer="sgd", lr=0.05, grad_clip=0.0)
+    text = pool["text"].iloc[0]
+    at_default = probe.one_step_delta([text])
+    with probe.learning_rate(0.01):
+        slower = probe.one_step_delta([text])
+    assert probe.lr == 0.05 and probe.optimizer.param_groups[0]["lr"] == 0.05
+    assert probe.one_step_delta([text]) == at_default  # restored
+    assert slower != at_default and abs(slower) < abs(at_default)  # a fifth of the SGD step moves the loss less
+
+    used = []
+    step = probe._step
+    monkeypatch.setattr(probe, "_step", lambda texts: used.append(probe.optimizer.param_groups[0]["lr"]) or step(texts))
+    ctx = SelectionContext(pool=pool, probe=probe, seed=0)
+    MATESSelector(mates_settings(encoder, oracles_per_interval=8, probe_lr=0.01)).select(
+        ctx, int(pool["n_tokens"].sum() * 0.1))
+    assert len(used) > 16 and set(used) == {0.01}  # 2 x 8 oracles and the interval's training, all at probe_lr
+    assert probe.optimizer.param_groups[0]["lr"] == 0.05
+    with pytest.raises(ValueError, match="probe_lr"):  # a probe that cannot change its rate is refused, not ignored
+        MATESSelector(mates_settings(encoder, probe_lr=0.01)).select(SelectionContext(pool=pool, probe=DomainProbe(pool), seed=0), 100)
+
+
 def test_gumbel_top_k_samples_high_log_weights_first():
     rng = np.random.default_rng(0)
     firsts = np.array([gumbel_order(np.log([1.0, 2.0, 7.0]), rng)[0] for _ in range(4000)])

@@ -138,12 +138,3 @@ def test_another_scorer_is_refused(selected) -> None:
     with pytest.raises(ValueError, match="scorer"):
         pipeline.select_for_seeds(store, OtherScorer(scorer.truth), model, tokenizer, ["random"], [5])
 
-
-def test_the_probes_learning_rate_reaches_its_optimizer_and_the_selection_key(selected) -> None:
-    store, _, _, (scorer, model, tokenizer) = selected
-    default = pipeline.selection_context(store, scorer, model, tokenizer, seed=0)
-    slower = pipeline.selection_context(store, scorer, model, tokenizer, seed=0, probe_lr=1e-4)
-    assert default.probe.optimizer.param_groups[0]["lr"] == 1e-3
-    assert slower.probe.optimizer.param_groups[0]["lr"] == 1e-4
-    assert "probe_lr" not in pipeline.selection_key(default)  # selections made at the default keep their key
-    assert pipeline.selection_key(slower)["probe_lr"] == 1e-4  # a changed oracle step is a changed selection

@@ -46,6 +46,13 @@ class TextLosses:
 
     doc_nll: np.ndarray  # [n_docs] float64
     doc_tokens: np.ndarray  # [n_docs] int64
+    doc_windows: np.ndarray | None = None  # [n_docs] int64: windows (sequences) fed per document
+
+    @property
+    def tokens_fed(self) -> int:
+        """Tokens the model read: each window feeds its predicted tokens plus its first one."""
+        windows = self.doc_windows if self.doc_windows is not None else (self.doc_tokens > 0)
+        return int(self.doc_tokens.sum() + np.sum(windows))
 
     @property
     def n_tokens(self) -> int:
@@ -94,6 +101,7 @@ def text_losses(model: torch.nn.Module, tokenizer, texts: Sequence[str],
             owner.append(doc)
     doc_nll = np.zeros(len(texts), dtype=np.float64)
     doc_tokens = np.zeros(len(texts), dtype=np.int64)
+    doc_windows = np.bincount(np.asarray(owner, dtype=np.int64), minlength=len(texts)).astype(np.int64)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_delimiters(tokenizer)[1]
     device = next(model.parameters()).device
     was_training = model.training
@@ -109,7 +117,7 @@ def text_losses(model: torch.nn.Module, tokenizer, texts: Sequence[str],
                 doc_nll[owner[i]] += float(row_nll[b]) * predicted[b]
                 doc_tokens[owner[i]] += predicted[b]
     model.train(was_training)
-    return TextLosses(doc_nll, doc_tokens)
+    return TextLosses(doc_nll, doc_tokens, doc_windows)
 
 
 def document_items(task: str, ids: Sequence[str], texts: Sequence[str], losses: TextLosses) -> pd.DataFrame:

@@ -70,9 +70,6 @@ class ProbeModel(Protocol):
         ...
 
 
-PROBE_LR = 1e-3  # the probe's default learning rate: the warm-up proxy's (`quadlib.proxy.TrainSettings`)
-
-
 class HFProbeModel:
     """`ProbeModel` on a Hugging Face causal LM, its tokenizer and the reference texts.
 
@@ -81,7 +78,7 @@ class HFProbeModel:
     `quadlib.proxy.encode_documents`, as in training and influence; the tokenizer needs an eos token.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, reference_texts: Sequence[str], *, lr: float = PROBE_LR,
+    def __init__(self, model: torch.nn.Module, tokenizer, reference_texts: Sequence[str], *, lr: float = 1e-3,
                  optimizer: str = "adamw", grad_clip: float = 1.0, max_length: int = 256, batch_size: int = 16,
                  device: str | None = None) -> None:
         if optimizer not in OPTIMIZERS:
@@ -181,6 +178,25 @@ class HFProbeModel:
             self.optimizer.load_state_dict(state)
             self.optimizer.zero_grad(set_to_none=True)
             self._base_loss = base
+
+    @contextmanager
+    def learning_rate(self, lr: float | None) -> Iterator[None]:
+        """A context in which the probe's training steps use learning rate `lr` (None: unchanged)."""
+        if lr is None:
+            yield
+            return
+        if lr <= 0:
+            raise ValueError(f"the probe's learning rate must be positive, got {lr}")
+        saved = self.lr
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            yield
+        finally:
+            self.lr = saved
+            for group in self.optimizer.param_groups:  # fresh dicts if `preserved` reloaded the state inside
+                group["lr"] = saved
 
     def rollout_delta(self, steps: Sequence[Sequence[str]]) -> np.ndarray:
         if self._base_loss is None:

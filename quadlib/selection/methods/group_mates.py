@@ -38,6 +38,7 @@ from quadlib.selection.methods.mates import (
     domain_mean_prediction,
     holdout_split,
     influence_model_settings,
+    probe_learning_rate,
     probe_reads,
     spearman,
     standardise,
@@ -63,6 +64,8 @@ class GroupMATESSettings:
     influence_model: InfluenceModelSettings = setting(
         InfluenceModelSettings(batch_size=4),
         "the relational model's encoder and fine-tuning; batch_size counts rollouts (Group-MATES: 1 x 4 accumulation)")
+    probe_lr: float | None = setting(None, "learning rate of the probe's rollout steps; None: the probe's own "
+                                     "(1e-3). With a pretrained model, the evaluation's")
 
     def __post_init__(self) -> None:
         self.influence_model = influence_model_settings(self.influence_model)
@@ -207,7 +210,8 @@ class GroupMATESSelector(Selector):
         by_id = rows_by_id(ctx)
         rng = np.random.default_rng([ctx.seed, ROLLOUT_SAMPLE_SALT])
         random_rollouts = [by_id[rng.permutation(len(by_id))[:s.rollout_length]] for _ in range(s.n_rollouts)]
-        data = self._probe(probe, texts, random_rollouts, "random")
+        with probe_learning_rate(probe, s.probe_lr):
+            data = self._probe(probe, texts, random_rollouts, "random")
         first, first_report = self._train(ctx, texts, sources, data, seed=0)
 
         candidates = by_id[np.random.default_rng([ctx.seed, BOOTSTRAP_SAMPLE_SALT]).permutation(len(by_id))
@@ -218,7 +222,8 @@ class GroupMATESSelector(Selector):
         proposed = [candidates[beam] for best in (True, False) for beam in
                     beam_rollouts(individual, reps, s.rollout_length, half, s.beam_width, alpha, tau, best)] \
             if half else []
-        boot = self._probe(probe, texts, proposed, "bootstrap")
+        with probe_learning_rate(probe, s.probe_lr):
+            boot = self._probe(probe, texts, proposed, "bootstrap")
         final, final_report = self._train(ctx, texts, sources,
                                           _Rollouts(data.rows + boot.rows, data.marginal + boot.marginal), seed=1)
 

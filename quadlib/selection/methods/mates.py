@@ -23,6 +23,7 @@ Training runs in intervals. Before each interval, against the *current* proxy ch
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +180,8 @@ class MATESSettings:
                                         "(MATES' released code: 10,000 per process on 8 processes)")
     temperature: float = setting(1.0, "Gumbel-top-k temperature on the z-scored predictions (MATES: 1)")
     influence_model: InfluenceModelSettings = setting(InfluenceModelSettings(), "the data-influence model")
+    probe_lr: float | None = setting(None, "learning rate of the probe's steps (oracles and interval training); "
+                                     "None: the probe's own (1e-3). With a pretrained model, the evaluation's")
 
     def __post_init__(self) -> None:
         self.influence_model = influence_model_settings(self.influence_model)
@@ -218,7 +221,8 @@ class MATESSelector(Selector):
         rounds: list[int] = []
         intervals: list[dict[str, Any]] = []
         remaining = int(budget_tokens)
-        with probe.preserved():  # the proxy trains interval by interval; the caller gets it back unchanged
+        # the proxy trains interval by interval; the caller gets it back unchanged
+        with probe_learning_rate(probe, s.probe_lr), probe.preserved():
             for t, candidates in enumerate(interval_slices(ctx, s.n_intervals)):
                 share = remaining // (s.n_intervals - t)  # this interval's tokens; what one leaves, the next gets
                 draw = np.random.default_rng([ctx.seed, ORACLE_SAMPLE_SALT, t]).permutation(len(candidates))
@@ -264,6 +268,16 @@ class MATESSelector(Selector):
                                          domain_mean_prediction(domains[train], oracle[train], domains[test])))
             report["heldout_pred"], report["heldout_oracle"] = predicted.tolist(), oracle[test].tolist()
         return model, report
+
+
+def probe_learning_rate(probe: ProbeModel, lr: float | None) -> AbstractContextManager[None]:
+    """A context in which `probe` trains at `lr` (`HFProbeModel.learning_rate`); None: the probe's own."""
+    if lr is None:
+        return nullcontext()
+    if not hasattr(probe, "learning_rate"):
+        raise ValueError(f"probe_lr={lr} needs a probe that can change its learning rate (HFProbeModel); "
+                         f"{type(probe).__name__} cannot: leave probe_lr None")
+    return probe.learning_rate(lr)
 
 
 def probe_reads(ctx: SelectionContext, probe: ProbeModel, model: InfluenceModelSettings) -> dict[str, Any]:

@@ -88,7 +88,7 @@ class PerplexitySelector(Selector):
         order = band_order(log_ppl, ids, self.settings.band)
         n_params = sum(p.numel() for p in model.parameters())
         cost = Cost(docs_scored=len(texts))
-        cost.add_forward(len(texts), int(losses.doc_tokens.sum()) + len(texts), n_params)  # one pass per document
+        cost.add_forward(int(losses.doc_windows.sum()), losses.tokens_fed, n_params)  # one pass per window
         median = float(np.median(log_ppl))
         return self.ranked(ctx, order, log_ppl, budget_tokens, cost, pool_median_log_ppl=median,
                            reads=reads(ctx, reference_model=identity, reference_model_params=n_params))
