@@ -205,3 +205,18 @@ def test_bits_per_byte_and_items_aggregate_to_the_reported_losses(lm) -> None:
     assert out["heldout_bpb_mean"] == pytest.approx((out["heldout_bpb/web"] + out["heldout_bpb/science"]) / 2)
     assert set(rows["task"]) == {"heldout/web", "heldout/science"}
     assert sorted(rows[rows["task"] == "heldout/web"]["item"].unique()) == ["a", "c"]
+
+
+def test_batches_shrink_for_a_big_vocabulary_and_the_losses_do_not_change(lm, monkeypatch) -> None:
+    from quadlib.evaluation import loglik
+
+    model, tokenizer = lm
+    smollm2 = SimpleNamespace(config=SimpleNamespace(vocab_size=49_152))
+    assert loglik.logit_bounded_tokens(smollm2, 16_384) == 5_461  # 1 GiB of float32 logits
+    assert loglik.logit_bounded_tokens(smollm2, 4_096) == 4_096  # a smaller cap stays
+    whole = text_losses(model, tokenizer, TEXTS)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(loglik, "LOGITS_BUDGET_BYTES", 4 * vocab * 8)  # 8 tokens a batch: one row each
+    assert loglik.logit_bounded_tokens(model, 16_384) == 8
+    one_by_one = text_losses(model, tokenizer, TEXTS)
+    np.testing.assert_allclose(one_by_one.doc_nll, whole.doc_nll, rtol=1e-5)  # float32 logits, other padding

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 LN2 = math.log(2.0)
 
 from quadlib.evaluation.items import concat_items, item_frame, weighted_means
-from quadlib.evaluation.loglik import LoglikRequest, length_batches, score_requests
+from quadlib.evaluation.loglik import LoglikRequest, length_batches, logit_bounded_tokens, score_requests
 from quadlib.proxy import causal_lm_loss, context_length, document_delimiters, encode_documents, pad_batch
 from quadlib.settings import setting
 
@@ -106,7 +106,8 @@ def text_losses(model: torch.nn.Module, tokenizer, texts: Sequence[str],
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = list(length_batches([len(r) for r in rows], settings.batch_size, settings.batch_tokens))
+    batches = list(length_batches([len(r) for r in rows], settings.batch_size,
+                                  logit_bounded_tokens(model, settings.batch_tokens)))
     with torch.inference_mode():
         for batch in tqdm(batches, desc="text loss", disable=not settings.progress):
             inputs = {k: v.to(device) for k, v in pad_batch([rows[i] for i in batch], pad_id).items()}

@@ -58,6 +58,20 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return whole[:n_context], whole[n_context:]
 
 
+LOGITS_BUDGET_BYTES = 2**30  # one forward pass's float32 [B, T, vocab] logits: at most 1 GiB
+
+
+def logit_bounded_tokens(model: torch.nn.Module, batch_tokens: int) -> int:
+    """`batch_tokens`, lowered so that one batch's float32 logits `[B, T, vocab]` stay within
+    `LOGITS_BUDGET_BYTES` (SmolLM2's 49,152-token vocabulary: 5,461 tokens a batch; the log-softmax
+    and the loss hold about two more such tensors). A single longer row still runs, alone."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = head.weight.shape[0] if head is not None else getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:  # a model without a known vocabulary keeps the cap it was given
+        return int(batch_tokens)
+    return max(1, min(int(batch_tokens), LOGITS_BUDGET_BYTES // (4 * int(vocab))))
+
+
 def length_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) -> Iterator[list[int]]:
     """Indices grouped longest first, at most `batch_size` rows and `batch_tokens` padded tokens each.
 
@@ -98,7 +112,7 @@ def score_requests(model: torch.nn.Module, tokenizer, requests: Sequence[LoglikR
     results: list[LoglikResult | None] = [None] * len(requests)
     was_training = model.training
     model.eval()
-    batches = list(length_batches([len(x) for x in inputs], batch_size, batch_tokens))
+    batches = list(length_batches([len(x) for x in inputs], batch_size, logit_bounded_tokens(model, batch_tokens)))
     with torch.inference_mode():
         for batch in tqdm(batches, desc="log-likelihood", disable=not progress):
             logprobs = F.log_softmax(padded_logits(model, [inputs[i] for i in batch], pad_id), dim=-1)  # [B, T, V]
