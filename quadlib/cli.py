@@ -222,12 +222,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from quadlib.evaluation.train_eval import EvalSettings
     from quadlib.execution import ExecutorSettings
-    from quadlib.pipeline import EVALUATE_TRAIN, EvaluateSettings, evaluate_run
+    from quadlib.pipeline import EVALUATE_TRAIN, EvaluateSettings, check_methods, evaluate_run
     from quadlib.proxy import TrainSettings
     from quadlib.runstore import RunStore
     from quadlib.settings import settings_from_options
-
-    from quadlib.pipeline import check_methods
 
     args = evaluate_parser().parse_args(args.deferred_args)
     options = settings_from_options(EvaluateSettings, args)

@@ -46,13 +46,12 @@ class TextLosses:
 
     doc_nll: np.ndarray  # [n_docs] float64
     doc_tokens: np.ndarray  # [n_docs] int64
-    doc_windows: np.ndarray | None = None  # [n_docs] int64: windows (sequences) fed per document
+    doc_windows: np.ndarray  # [n_docs] int64: windows (sequences) fed per document
 
     @property
     def tokens_fed(self) -> int:
         """Tokens the model read: each window feeds its predicted tokens plus its first one."""
-        windows = self.doc_windows if self.doc_windows is not None else (self.doc_tokens > 0)
-        return int(self.doc_tokens.sum() + np.sum(windows))
+        return int(self.doc_tokens.sum() + self.doc_windows.sum())
 
     @property
     def n_tokens(self) -> int:
@@ -226,7 +225,8 @@ def heldout_items(model: torch.nn.Module, tokenizer, frame: pd.DataFrame,
     ids = frame["id"].astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(len(frame))]
     sources = frame["source"].to_numpy()
     items = concat_items([document_items(f"heldout/{source}", [ids[i] for i in idx], [texts[i] for i in idx],
-                                         TextLosses(losses.doc_nll[idx], losses.doc_tokens[idx]))
+                                         TextLosses(losses.doc_nll[idx], losses.doc_tokens[idx],
+                                                    losses.doc_windows[idx]))
                           for source in sorted(set(sources)) for idx in [np.flatnonzero(sources == source)]])
     means = weighted_means(items)
     out = {f"heldout/{task.removeprefix('heldout/')}": float(v) for (task, metric), v in means.items() if metric == "loss"}
