@@ -78,6 +78,12 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"[quad] report: {report.resolve()}")
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    from quadlib.profile import format_profile, profile
+
+    print(format_profile(profile(args.run, args.reports)))
+
+
 def cmd_make_data(args: argparse.Namespace) -> None:
     from quadlib.synthetic import write_default_data
 
@@ -281,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            "one page per notebook, index.html)")
     report.add_argument("--reports", default="reports", help="folder of executed notebooks written by `quad demo`")
     report.set_defaults(func=cmd_report)
+
+    prof = sub.add_parser("profile", help="where a finished run's time went: each notebook cell's share of the "
+                                          "wall time, each selection's and each model's seconds (quadlib.profile)")
+    prof.add_argument("--run", default="runs/demo", help="the run folder")
+    prof.add_argument("--reports", default="reports", help="the executed notebooks of that run")
+    prof.set_defaults(func=cmd_profile)
 
     ing = sub.add_parser("ingest", help="validate and shard a pool and a reference set into a run folder")
     ing.add_argument("--run", required=True)

@@ -123,7 +123,7 @@ def batch_kernel_setup() -> None:
     logging.getLogger("IPKernelApp").addFilter(lambda record: SHUTDOWN_INTERRUPT_LOG not in record.getMessage())
 
 
-def _cell_title(cells: Sequence[Any], index: int) -> str:
+def cell_title(cells: Sequence[Any], index: int) -> str:
     """What a code cell does, for its progress line: its tag for a parameters cell, else the heading of
     the markdown cell above it, else its first line of code."""
     tags = set(cells[index].metadata.get("tags", []))
@@ -155,7 +155,7 @@ def _streaming_engine() -> type:
             def announce(cell: Any, cell_index: int | None = None, **kw: Any) -> Any:
                 if cell_index in code:
                     print(f"[quad] {label} cell {code.index(cell_index) + 1}/{len(code)} "
-                          f"+{time.perf_counter() - began:.0f} s: {_cell_title(cells, cell_index)}", flush=True)
+                          f"+{time.perf_counter() - began:.0f} s: {cell_title(cells, cell_index)}", flush=True)
                 return start(cell, cell_index, **kw)
 
             nb_man.cell_start = announce
