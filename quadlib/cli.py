@@ -48,7 +48,7 @@ def demo_parameters(run: str, pool: str, reference: str, seed: int, *, eval_dir:
         "01_cluster": common | {"POOL": pool, "REFERENCE": reference},
         "02_score": common,
         "03_bandit": common | only("BUDGET_FRACTION"),
-        "04_ablate": common | {"RESULT_DIR": f"{run}-ablate/single"},
+        "04_ablate": common | {"RESULT_DIR": f"{run}-ablate/single"} | only("BUDGET_FRACTION", "TRAIN_TOKENS"),
         "05_evaluate": common | {"ABLATE_DIR": f"{run}-ablate"}
         | only("SEEDS", "TRAIN_TOKENS", "TASK_LIMIT", "EVAL_DIR", "LAMBADA", "ABLATIONS"),
     }
@@ -267,13 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lambada", action="store_true", help="the reference is LAMBADA: report last-word accuracy")
     # unset options keep the notebooks' defaults, which are the demo's (their parameters cells)
     demo.add_argument("--budget-fraction", type=float, default=None,
-                      help="selection budget as a fraction of the pool's tokens, every method (default: "
-                           "03_bandit's BUDGET_FRACTION)")
+                      help="selection budget as a fraction of the pool's tokens, every method and 04_ablate's "
+                           "experiment (default: each notebook's BUDGET_FRACTION)")
     demo.add_argument("--seeds", type=int, nargs="+", default=None,
                       help="training seeds of 05_evaluate (default: its SEEDS)")
     demo.add_argument("--train-tokens", type=int, default=None,
-                      help="tokens each method's model trains on in 05_evaluate, the same for every method "
-                           "(default: its TRAIN_TOKENS)")
+                      help="tokens each method's model trains on in 05_evaluate and 04_ablate's experiment, the "
+                           "same for every method (default: each notebook's TRAIN_TOKENS)")
     demo.add_argument("--task-limit", type=int, default=None,
                       help="items per zero-shot task (default: 05_evaluate's TASK_LIMIT)")
     demo.add_argument("--no-ablations", action="store_true", help="skip the ablation grids of 05_evaluate")

@@ -45,6 +45,11 @@ class ExperimentSettings:
                          "the bandit has seen (per document, whatever the batch size); 'absolute': score units")
     budget_fraction: float = setting(0.1, "selection budget as a fraction of the pool's tokens (Table 5)")
     train_tokens: int = setting(20_000, "tokens every trained model sees, whatever its selection's size")
+    lr: float = setting(TrainSettings.lr, "peak learning rate of the training (for a pretrained model such as "
+                        "SmolLM2, about 1e-4); 05_evaluate's LR")
+    max_reference_docs: int | None = setting(None, "evaluate only the first N documents of the reference's "
+                                             "evaluation part (None: all); 05_evaluate's MAX_REFERENCE_DOCS")
+    max_heldout_docs: int | None = setting(200, "held-out documents evaluated at most; 05_evaluate's MAX_HELDOUT_DOCS")
     seed: int = setting(0, "selection and training seed")
 
 
@@ -85,8 +90,9 @@ def run_experiment(base_dir: str | Path, result_dir: str | Path, settings: Exper
     texts = ctx.pool.set_index("id").loc[sorted(selection.ids), "text"].tolist()
     records = train_and_evaluate(
         base, f"ablate-{name}", texts, base.root / "proxy" / "model", tokenizer,
-        TrainSettings(token_budget=settings.train_tokens, batch_size=8, block_size=128, warmup_steps=2),
-        [settings.seed], EvalSettings(max_heldout_docs=200))
+        TrainSettings(token_budget=settings.train_tokens, batch_size=8, block_size=128, warmup_steps=2, lr=settings.lr),
+        [settings.seed], EvalSettings(max_reference_docs=settings.max_reference_docs,
+                                      max_heldout_docs=settings.max_heldout_docs))
     result = {**asdict(settings), **measured, "budget_tokens": budget, "tokens_selected": selection.tokens_selected,
               "select_seconds": select_seconds, "docs_scored": selection.cost.docs_scored,
               "flops": selection.cost.flops, **records[0]["metrics"]}

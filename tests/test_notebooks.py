@@ -92,7 +92,8 @@ def test_demo_options_reach_their_notebooks() -> None:
     given = demo_parameters("runs/x", "p", "r", 3, eval_dir="tasks", lambada=True, ablations=False,
                             budget_fraction=0.2, seeds=[5, 6], task_limit=7, train_tokens=900)
     assert given["03_bandit"] == {"RUN_DIR": "runs/x", "SEED": 3, "BUDGET_FRACTION": 0.2}
-    assert given["04_ablate"] == {"RUN_DIR": "runs/x", "SEED": 3, "RESULT_DIR": "runs/x-ablate/single"}
+    assert given["04_ablate"] == {"RUN_DIR": "runs/x", "SEED": 3, "RESULT_DIR": "runs/x-ablate/single",
+                                  "BUDGET_FRACTION": 0.2, "TRAIN_TOKENS": 900}  # its one experiment: same budget
     assert given["05_evaluate"] == {"RUN_DIR": "runs/x", "SEED": 3, "ABLATE_DIR": "runs/x-ablate", "SEEDS": [5, 6],
                                     "TRAIN_TOKENS": 900, "TASK_LIMIT": 7, "EVAL_DIR": "tasks", "LAMBADA": True,
                                     "ABLATIONS": []}
@@ -130,3 +131,18 @@ def test_papermill_reads_every_parameter_without_a_warning(name: str, caplog: py
         inferred = papermill.inspect_notebook(str(REPO_ROOT / "notebooks" / f"{name}.ipynb"))
     assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert set(inferred) == _parameters(name)
+
+
+def test_04_sets_every_experiment_setting_and_trains_as_05_does() -> None:
+    """04 ran SmolLM2 at the default 1e-3 on all 2,574 evaluation passages: it had no LR nor evaluation sizes."""
+    from dataclasses import fields
+
+    from quadlib.experiment import ExperimentSettings
+
+    source = "".join(_notebook("04_ablate")["cells"][2]["source"])
+    for field in fields(ExperimentSettings):
+        assert f"{field.name}={field.name.upper()}" in source, f"04 does not pass {field.name}"
+    assert {"LR", "MAX_REFERENCE_DOCS", "MAX_HELDOUT_DOCS"} <= _parameters("04_ablate") & _parameters("05_evaluate")
+    grid_cell = next("".join(c["source"]) for c in _notebook("05_evaluate")["cells"] if "load_grid(" in "".join(c["source"]))
+    for name in ("LR", "MAX_REFERENCE_DOCS", "MAX_HELDOUT_DOCS"):  # each grid run gets 05's value
+        assert f'"{name}": {name}' in grid_cell

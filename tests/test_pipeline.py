@@ -91,3 +91,24 @@ def test_ablation_clusters_reuse_the_base_run_only_when_k_and_algorithm_match(ru
     assert other["cluster"].nunique() == base["cluster"].nunique() == 8
     assert run.is_done("cluster-minibatch_kmeans-k8")
     assert ablation_clusters(run, ExperimentSettings(n_clusters=4))["cluster"].nunique() == 4  # Fig. 5d
+
+
+def test_an_ablation_experiment_trains_and_evaluates_with_its_settings(run: RunStore, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """04 trained SmolLM2 at TrainSettings' default 1e-3 and evaluated every reference-eval passage."""
+    import quadlib.experiment as experiment
+
+    seen = {}
+
+    def record(store, name, texts, model_dir, tokenizer, train, seeds, evaluation):
+        seen.update(name=name, texts=texts, train=train, seeds=seeds, evaluation=evaluation)
+        return [{"metrics": {"ref_loss": 1.0}}]
+
+    monkeypatch.setattr(experiment, "train_and_evaluate", record)
+    settings = experiment.ExperimentSettings(method="random", budget_fraction=0.05, train_tokens=640, lr=3e-4,
+                                             max_reference_docs=7, max_heldout_docs=5, seed=2)
+    result = experiment.run_experiment(run.root, tmp_path / "single", settings, name="single")
+    assert seen["name"] == "ablate-single" and seen["seeds"] == [2]
+    assert (seen["train"].lr, seen["train"].token_budget) == (3e-4, 640)
+    assert (seen["evaluation"].max_reference_docs, seen["evaluation"].max_heldout_docs) == (7, 5)
+    assert result["ref_loss"] == 1.0 and result["lr"] == 3e-4 and len(seen["texts"]) == result["n_docs"] > 0
