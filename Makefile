@@ -28,7 +28,17 @@ REAL_ARGS ?= --pool '../shared/data/pool/*.jsonl.gz' --reference ../shared/data/
 	--set MAX_REFERENCE_DOCS=100 --set MAX_HELDOUT_DOCS=36 --set WORKERS=2 \
 	--set KEEP_MODELS=false --set SWEEP_SEEDS=2
 
-.PHONY: setup demo real test report bench clean
+# The same run on one GPU (bf16; install the CUDA torch wheel and the `gpu` extra first, README: GPU): the whole
+# pool, a larger budget and training, every evaluation item, three seeds over selection and training. The later
+# options override REAL_ARGS's. Not run on the 2-core machine the README's tables come from.
+REAL_GPU_RUN ?= runs/real-smollm2-gpu
+REAL_GPU_ARGS ?= --budget-fraction 0.02 --train-tokens 262144 --task-limit 500 --seeds 0 1 2 \
+	--set POOL_FRACTION=1.0 --set FIT_DOCS=256 --set REFERENCE_DOCS=256 --set SAMPLES_PER_CLUSTER=16 \
+	--set 03_bandit:SAMPLE_SIZE=1024 --set N_ORACLE=64 --set N_PAIRS=64 --set MATES_INTERVALS=2 \
+	--set 'METHOD_SETTINGS={"ppl": {"max_length": 512, "max_windows": 4}}' \
+	--set MAX_REFERENCE_DOCS=1000 --set MAX_HELDOUT_DOCS=400 --set WORKERS=1
+
+.PHONY: setup demo real real-gpu test report bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +58,9 @@ demo: $(STAMP)
 
 real: $(STAMP)
 	$(PY) -m quadlib.cli demo --run $(REAL_RUN) --reports reports/real-smollm2 $(REAL_ARGS) $(DEMO_ARGS)
+
+real-gpu: $(STAMP)
+	$(PY) -m quadlib.cli demo --run $(REAL_GPU_RUN) --reports reports/real-smollm2-gpu $(REAL_ARGS) $(REAL_GPU_ARGS) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests -n 2 --dist loadfile

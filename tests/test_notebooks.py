@@ -146,3 +146,22 @@ def test_04_sets_every_experiment_setting_and_trains_as_05_does() -> None:
     grid_cell = next("".join(c["source"]) for c in _notebook("05_evaluate")["cells"] if "load_grid(" in "".join(c["source"]))
     for name in ("LR", "MAX_REFERENCE_DOCS", "MAX_HELDOUT_DOCS"):  # each grid run gets 05's value
         assert f'"{name}": {name}' in grid_cell
+
+
+@pytest.mark.parametrize("variable", ["REAL_ARGS", "REAL_GPU_ARGS"])
+def test_the_makefiles_real_runs_parse_and_set_only_known_parameters(variable: str) -> None:
+    """`make real` / `make real-gpu` pass long option lists; a typo there would fail an hour into a run."""
+    import re
+    import shlex
+
+    from quadlib.cli import build_parser
+    from quadlib.reports import parse_overrides
+
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
+    value = re.search(rf"^{variable} \?= (.*)$", makefile, flags=re.MULTILINE).group(1)
+    args = build_parser().parse_args(["demo", *shlex.split(value)])
+    overrides = parse_overrides(args.set, NOTEBOOKS)  # raises on a name no notebook declares
+    assert overrides["02_score"]["FIT_DOCS"] > 0 and overrides["05_evaluate"]["MAX_REFERENCE_DOCS"] > 0
+    if variable == "REAL_ARGS":
+        assert overrides["02_score"]["PROXY_MODEL"] == "smollm2-135m" and args.no_ablations and args.lambada
+        assert overrides["04_ablate"]["LR"] == overrides["05_evaluate"]["LR"] == 1e-4  # 04 trains as 05 does
