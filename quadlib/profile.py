@@ -5,10 +5,10 @@ Two records, both written by every run, are read back (nothing is timed again):
 - each code cell's wall time, which papermill stores in the executed notebooks (`<reports>/<nb>.ipynb`,
   cell metadata `papermill.duration`), named as `quad demo` names it in its progress lines;
 - what the run folder records inside those cells: each selection's wall time (`select-<m>/manifest.json`,
-  and `selection-seeds/seed-<s>/...` for the other seeds) and each trained model's training and
+  made in 03_bandit, and `selection-seeds/seed-<s>/...` for the other seeds, made in 05_evaluate) and each trained model's training and
   evaluation seconds (`eval/<m>/seed-<s>/metrics.json`; the ablation grids' models are `eval/ablate-*`).
 
-Cell times add up to the run's wall time. Selection seconds are wall time inside 03_bandit's cell (in
+Cell times add up to the run's wall time. Selection seconds are wall time inside those cells (in
 the order the methods ran, so a method that read another's cached scores is cheap here; the cost
 record has each method's standalone cost). Training and evaluation seconds are per worker: with two
 workers they add up to about twice the wall time of their cell.
@@ -122,7 +122,8 @@ def format_profile(parts: dict[str, pd.DataFrame]) -> str:
            cells[cells["share"] >= 0.01].to_string(index=False, formatters={"seconds": "{:,.1f}".format,
                                                                              "share": "{:.1%}".format})]
     if len(parts["selections"]):
-        out += ["", "selections (wall seconds inside 03_bandit, in the order run; cached scores are not re-timed):",
+        out += ["", "selections (wall seconds: seed 0 in 03_bandit, other seeds in 05_evaluate; a score another "
+                "method cached is not timed again):",
                 parts["selections"].to_string(index=False, formatters={"seconds": "{:,.1f}".format})]
     if len(parts["models"]):
         out += ["", "training and evaluation (worker seconds; parallel workers overlap in wall time):",
