@@ -153,7 +153,8 @@ def test_set_overrides_reach_only_the_notebooks_that_declare_them() -> None:
     out = parse_overrides(["PROXY_MODEL=smollm2-135m", "TOKENIZER_VOCAB=null", "SEEDS=[0, 1]", "01_cluster:K=16",
                            "LR=1e-4", "METHODS=[\"random\", \"quad\"]"], NOTEBOOKS)
     assert out["02_score"] == {"PROXY_MODEL": "smollm2-135m", "TOKENIZER_VOCAB": None}  # text, JSON null
-    assert out["05_evaluate"] == {"SEEDS": [0, 1], "LR": 1e-4}
+    assert out["05_evaluate"] == {"SEEDS": [0, 1], "LR": 1e-4, "METHODS": ["random", "quad"]}
+    assert out["04_ablate"] == {"LR": 1e-4}  # its one experiment trains as 05 does
     assert out["01_cluster"] == {"K": 16} and "K" not in out["03_bandit"]  # the notebook prefix scopes it
     assert out["03_bandit"] == {"METHODS": ["random", "quad"]}
     assert parse_overrides(["K=4"], NOTEBOOKS)["03_bandit"] == {"K": 4} == parse_overrides(["K=4"], NOTEBOOKS)["01_cluster"]
