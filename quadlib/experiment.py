@@ -26,6 +26,7 @@ from quadlib.selection.metrics import quality_diversity
 from quadlib.settings import setting
 
 BASE_CLUSTER_STEP = "cluster"
+ABLATION_PREFIX = "ablate-"  # <base>/eval/ablate-<name>/: an experiment's model, beside 05's (quad profile groups them)
 
 
 @dataclass
@@ -89,7 +90,7 @@ def run_experiment(base_dir: str | Path, result_dir: str | Path, settings: Exper
     measured = quality_diversity(selection.ids, scores, ctx.assignments)
     texts = ctx.pool.set_index("id").loc[sorted(selection.ids), "text"].tolist()
     records = train_and_evaluate(
-        base, f"ablate-{name}", texts, base.root / "proxy" / "model", tokenizer,
+        base, f"{ABLATION_PREFIX}{name}", texts, base.root / "proxy" / "model", tokenizer,
         TrainSettings(token_budget=settings.train_tokens, batch_size=8, block_size=128, warmup_steps=2, lr=settings.lr),
         [settings.seed], EvalSettings(max_reference_docs=settings.max_reference_docs,
                                       max_heldout_docs=settings.max_heldout_docs))

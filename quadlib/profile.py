@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from quadlib.evaluation.stats import collect_costs
+from quadlib.experiment import ABLATION_PREFIX
 from quadlib.reports import NOTEBOOKS, cell_title
-
-ABLATION_PREFIX = "ablate-"  # eval/ablate-<name>/: a model of an ablation grid (quadlib.experiment)
+from quadlib.selection.export import SEED_SELECTIONS
 
 
 def cell_times(reports: str | Path, names: Sequence[str] = NOTEBOOKS) -> pd.DataFrame:
@@ -63,19 +64,14 @@ def _read_json(path: Path) -> dict:
 
 
 def selection_times(run: str | Path) -> pd.DataFrame:
-    """One row per finished selection: method, seed, seconds (its manifest's wall time)."""
-    run = Path(run)
-    manifests = [(0, path) for path in run.glob("select-*/manifest.json")]
-    for seed_dir in run.glob("selection-seeds/seed-*"):
-        seed = int(seed_dir.name.removeprefix("seed-"))
-        manifests += [(seed, path) for path in seed_dir.glob("select-*/manifest.json")]
-    rows = []
-    for seed, path in manifests:
-        manifest = _read_json(path)
-        rows.append({"method": manifest.get("method", path.parent.name.removeprefix("select-")), "seed": seed,
-                     "seconds": float(manifest.get("wall_time_s") or 0.0)})
-    return pd.DataFrame(rows, columns=["method", "seed", "seconds"]).sort_values(["seed", "method"],
-                                                                                 ignore_index=True)
+    """One row per finished selection: method, seed, seconds (its manifest's wall time, read by
+    `collect_costs` from the run for seed 0 and from `selection-seeds/seed-<s>/` for the others)."""
+    folders = [(0, Path(run))] + [(int(path.name.removeprefix("seed-")), path)
+                                  for path in Path(run).glob(f"{SEED_SELECTIONS}/seed-*")]
+    frames = [collect_costs(folder).assign(seed=seed) for seed, folder in folders]
+    rows = pd.concat([f for f in frames if not f.empty] or [pd.DataFrame(columns=["method", "seed", "wall_time_s"])])
+    rows = rows.assign(seconds=rows["wall_time_s"].astype(float).fillna(0.0))[["method", "seed", "seconds"]]
+    return rows.sort_values(["seed", "method"], ignore_index=True)
 
 
 def model_times(run: str | Path) -> pd.DataFrame:
