@@ -84,6 +84,33 @@ def cmd_profile(args: argparse.Namespace) -> None:
     print(format_profile(profile(args.run, args.reports)))
 
 
+def cmd_table(args: argparse.Namespace) -> None:
+    from quadlib.evaluation.items import UNTRAINED
+    from quadlib.evaluation.stats import (SEED_TABLE_METRICS, collect_costs, collect_items, collect_metrics,
+                                         markdown_table, seed_table)
+    from quadlib.plots.palette import method_order
+
+    costs = collect_costs(args.run)
+    if costs.empty:
+        raise FileNotFoundError(f"{args.run}: no selection manifests (select-*/manifest.json); run 03_bandit first")
+    methods = list(args.methods) if args.methods else list(costs["method"])
+    unknown = sorted(set(methods) - set(costs["method"]))
+    if unknown:
+        raise ValueError(f"{args.run}: no selection of {unknown}; methods with one: {sorted(costs['method'])}")
+    shown = method_order([*methods, UNTRAINED])  # the starting model, where the run evaluated it
+    items, tidy = collect_items(args.run), collect_metrics(args.run)
+    items = items[items["method"].isin(shown) & (items["from_scratch"] == args.from_scratch)]
+    tidy = tidy[tidy["method"].isin(shown) & (tidy["from_scratch"] == args.from_scratch)]
+    if items.empty:
+        raise FileNotFoundError(f"{args.run}: no evaluated models (eval/<method>/seed-<s>/items.parquet); "
+                                "run 05_evaluate or `quad evaluate` first")
+    shown = [m for m in shown if m in set(tidy["method"])]
+    seeds = sorted(set(items["seed"]))
+    print(f"{args.run}: {len(shown)} methods, seeds {seeds}")
+    print(markdown_table(seed_table(items, tidy, costs, metrics=args.metrics or SEED_TABLE_METRICS,
+                                            order=shown)))
+
+
 def cmd_make_data(args: argparse.Namespace) -> None:
     from quadlib.synthetic import write_default_data
 
@@ -293,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--run", default="runs/demo", help="the run folder")
     prof.add_argument("--reports", default="reports", help="the executed notebooks of that run")
     prof.set_defaults(func=cmd_profile)
+
+    tab = sub.add_parser("table", help="a finished run's comparison over seeds as a markdown table: per metric "
+                                       "the mean ± sd over seeds, the paired differences from the untrained "
+                                       "model and from Random with 95%% intervals (* Holm), the selection cost")
+    tab.add_argument("--run", default="runs/demo", help="the run folder")
+    tab.add_argument("--methods", nargs="+", default=None, help="methods (default: every selection of the run)")
+    tab.add_argument("--metrics", nargs="+", default=None,
+                     help="metrics of quadlib.evaluation.stats.metric_items (default: ref_loss heldout_bpb_mean; "
+                          "others e.g. lambada_logprob tasks/gold_bpb_mean)")
+    tab.add_argument("--from-scratch", action="store_true", help="the models trained from a fresh initialisation")
+    tab.set_defaults(func=cmd_table)
 
     ing = sub.add_parser("ingest", help="validate and shard a pool and a reference set into a run folder")
     ing.add_argument("--run", required=True)

@@ -61,7 +61,7 @@ def test_help_lists_the_pipeline_commands(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert all(name in out for name in ("ingest", "scale", "select", "evaluate", "demo", "report"))
+    assert all(name in out for name in ("ingest", "scale", "select", "evaluate", "demo", "report", "profile", "table"))
 
 
 def test_options_are_generated_from_settings_with_help_types_and_defaults() -> None:

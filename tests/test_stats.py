@@ -211,3 +211,78 @@ def test_collect_items_reads_finished_runs_and_pairs_them(tmp_path: Path) -> Non
     assert row["significant"] and row["gain"] == pytest.approx(-expected)
     with pytest.raises(ValueError, match="baseline 'dsir'"):
         paired_differences(items, "dsir")
+
+
+def _write_seed_run(run: Path) -> dict[str, np.ndarray]:
+    """A finished run of Random, Quad and DSIR at seeds 0 and 1 and the untrained model at seed 0 only:
+    per-item reference losses (30 items) with metrics.json, and each method's selection manifest."""
+    from quadlib.evaluation.items import ITEMS_FILE, UNTRAINED, item_frame
+
+    base = np.linspace(2.0, 3.0, 30)
+    shifts = {UNTRAINED: 0.5, "random": 0.0, "quad": -0.2, "dsir": 0.1}
+    losses = {}
+    for method, shift in shifts.items():
+        for seed in ((0,) if method == UNTRAINED else (0, 1)):
+            noise = np.random.default_rng(10 * seed + len(method)).normal(0.0, 0.02, 30) if method != UNTRAINED else 0.0
+            values = base + shift + noise + 0.01 * seed  # seed 1 a little worse: pairing it counts
+            losses[method, seed] = values
+            folder = run / eval_step(method, seed)
+            folder.mkdir(parents=True)
+            item_frame("reference", [f"r{i}" for i in range(30)], {"loss": values}, {"loss": np.full(30, 5.0)}
+                       ).to_parquet(folder / ITEMS_FILE)
+            write_json_atomic(folder / METRICS_FILE, {"method": method, "seed": seed, "from_scratch": False,
+                                                      "metrics": {"ref_loss": float(values.mean())},
+                                                      "train": {"final_loss": 3.0, "seconds": 1.0},
+                                                      "eval_seconds": 0.5})
+        if method != UNTRAINED:
+            write_json_atomic(run / f"select-{method}" / "manifest.json",
+                              {"method": method, "wall_time_s": 12.4, "cost": {"flops": 2.5e12, "docs_scored": 1234}})
+    return losses
+
+
+def test_seed_table_pairs_every_seed_with_the_untrained_model_and_orients_each_difference(tmp_path: Path) -> None:
+    """mean ± sd over seeds; `method - baseline` (a loss gain is negative) with its interval and Holm star;
+    the untrained model, evaluated at seed 0 only, pairs with both seeds of every method; the Random
+    family of tests leaves the untrained model out."""
+    from quadlib.evaluation.stats import markdown_table, seed_table
+
+    losses = _write_seed_run(tmp_path)
+    items, tidy, costs = collect_items(tmp_path), collect_metrics(tmp_path), collect_costs(tmp_path)
+    order = ["untrained", "random", "quad", "dsir"]
+    table = seed_table(items, tidy, costs, metrics=["ref_loss"], order=order)
+    assert list(table.index) == order
+    quad = [losses["quad", s].mean() for s in (0, 1)]
+    assert table.loc["quad", "ref_loss (nats)"] == f"{np.mean(quad):.3f} ± {np.std(quad, ddof=1):.3f}"
+
+    def number(text: str) -> float:
+        return float(text.split(" [")[0])
+
+    untrained = losses["untrained", 0].mean()
+    random = np.mean([losses["random", s].mean() for s in (0, 1)])
+    assert number(table.loc["quad", "ref_loss vs untrained"]) == pytest.approx(np.mean(quad) - untrained, abs=5e-4)
+    assert number(table.loc["quad", "ref_loss vs random"]) == pytest.approx(np.mean(quad) - random, abs=5e-4)
+    assert number(table.loc["quad", "ref_loss vs random"]) < 0 < number(table.loc["dsir", "ref_loss vs random"])
+    assert table.loc["quad", "ref_loss vs random"].endswith("*") and table.loc["dsir", "ref_loss vs random"].endswith("*")
+    assert table.loc["random", "ref_loss vs random"] == "—" and table.loc["untrained", "ref_loss vs untrained"] == "—"
+    # the untrained model pairs with seed 1 too (seed 0 alone would give quad[0] - untrained)
+    assert abs(number(table.loc["quad", "ref_loss vs untrained"]) - (quad[0] - untrained)) > 3e-3
+    assert table.loc["quad", "docs scored"] == "1,234" and table.loc["quad", "selection FLOPs"] == "2.5e+12"
+    assert table.loc["quad", "selection (s)"] == "12" and table.loc["untrained", "docs scored"] == "—"
+    lines = markdown_table(table).splitlines()
+    assert lines[0].startswith("| method | ref_loss (nats) | ref_loss vs untrained | ref_loss vs random |")
+    assert lines[1] == "|" + "---|" * 7 and lines[3].startswith("| random | ")
+
+
+def test_quad_table_prints_a_runs_comparison_and_refuses_a_run_without_one(tmp_path: Path, capsys) -> None:
+    from quadlib.cli import main
+
+    _write_seed_run(tmp_path / "run")
+    main(["table", "--run", str(tmp_path / "run"), "--methods", "random", "quad"])
+    out = capsys.readouterr().out
+    assert "3 methods, seeds [0, 1]" in out and "| untrained |" in out and "| quad |" in out and "| dsir |" not in out
+    with pytest.raises(SystemExit) as refused:
+        main(["table", "--run", str(tmp_path / "run"), "--methods", "nosuch"])
+    assert refused.value.code == 1 and "no selection of ['nosuch']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["table", "--run", str(tmp_path / "empty")])
+    assert refused.value.code == 1 and "run 03_bandit first" in capsys.readouterr().err

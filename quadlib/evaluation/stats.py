@@ -452,3 +452,82 @@ def _names(names: Sequence[str]) -> str:
 
 def _signed(value: float) -> str:
     return f"{value:+.3g}"
+
+
+# ---- the comparison over seeds, as the README prints it ------------------------------------------
+
+SEED_TABLE_METRICS = ("ref_loss", "heldout_bpb_mean")
+
+
+def metric_unit(name: str) -> str:
+    """The unit a metric is reported in: bits per byte, nats (losses, log-probabilities), else none."""
+    return "bits/byte" if "bpb" in name else "nats" if ("loss" in name or "logprob" in name or "heldout" in name) else ""
+
+
+def _paired_to_every_seed(items: pd.DataFrame, method: str, seeds: Sequence[int]) -> pd.DataFrame:
+    """`items` with `method`'s rows copied to the seeds it lacks, from its lowest seed: for a model
+    that does not depend on the seed (the untrained one), so it pairs with every seed of the others."""
+    own = items[items["method"] == method]
+    if own.empty:
+        return items
+    source = own[own["seed"] == own["seed"].min()]
+    missing = [s for s in seeds if s not in set(own["seed"])]
+    return pd.concat([items] + [source.assign(seed=s) for s in missing], ignore_index=True)
+
+
+def seed_table(items: pd.DataFrame, tidy: pd.DataFrame, costs: pd.DataFrame | None = None,
+               metrics: Sequence[str] = SEED_TABLE_METRICS, baseline: str = "random",
+               reference: str | None = "untrained", order: Sequence[str] | None = None,
+               alpha: float = 0.05) -> pd.DataFrame:
+    """Every method over its seeds, as text: per metric its mean ± sd over seeds (`tidy`, the column
+    named with the metric's unit), its paired
+    difference from the `reference` model (the untrained one) and from `baseline` (Random) with the
+    95% interval of `paired_differences` and `*` where the Holm-adjusted p < alpha (Holm over the
+    table's comparisons with that model: methods x metrics), then the selection's standalone cost
+    (`costs`: documents scored, FLOPs) and its wall seconds.
+
+    The reference model does not depend on the seed: where it was evaluated at fewer seeds than the
+    methods, its items pair with every seed (`_paired_to_every_seed`)."""
+    methods = list(order) if order is not None else sorted(set(tidy["method"]))
+    seeds = sorted(set(items["seed"]))
+    summary = summarize(tidy[tidy["metric"].isin(metrics)]).set_index(["method", "metric"])
+    against = {}
+    for other in [m for m in (reference, baseline) if m is not None and m in set(items["method"])]:
+        chosen = items if other == reference else items[items["method"] != reference]
+        compared = _paired_to_every_seed(chosen, other, seeds) if other == reference else chosen
+        against[other] = paired_differences(compared, other, list(metrics), alpha=alpha).set_index(["method", "metric"])
+    cost = costs.set_index("method") if costs is not None and not costs.empty else pd.DataFrame()
+    rows = []
+    for method in methods:
+        row = {"method": method}
+        for metric in metrics:
+            digits = 4 if "bpb" in metric else 3
+            label = f"{metric} ({metric_unit(metric)})" if metric_unit(metric) else metric
+            if (method, metric) in summary.index:
+                entry = summary.loc[(method, metric)]
+                row[label] = format_mean_std(entry["mean"], entry["std"], digits)
+            else:
+                row[label] = "—"
+            for other, table in against.items():
+                if (method, metric) in table.index:
+                    r = table.loc[(method, metric)]
+                    row[f"{metric} vs {other}"] = (f"{r['diff']:+.{digits}f} [{r['ci_low']:+.{digits}f}, "
+                                                   f"{r['ci_high']:+.{digits}f}]" + ("*" if r["significant"] else ""))
+                else:
+                    row[f"{metric} vs {other}"] = "—"
+        for column, label in (("cost_docs_scored", "docs scored"), ("cost_flops", "selection FLOPs"),
+                              ("wall_time_s", "selection (s)")):
+            value = cost.loc[method, column] if method in cost.index and column in cost.columns else None
+            row[label] = ("—" if value is None or pd.isna(value) else
+                          f"{value:.1e}" if column == "cost_flops" and value else f"{value:,.0f}")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("method")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A table of text as GitHub markdown, its index as the first column."""
+    header = [table.index.name or ""] + [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([str(index)] + [str(v) for v in values]) + " |"
+              for index, values in zip(table.index, table.to_numpy())]
+    return "\n".join(lines)
