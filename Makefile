@@ -13,12 +13,13 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
 # The real-data run on the pretrained SmolLM2-135M (README, Real data): ../shared/data's pool, LAMBADA as the
-# reference, the eight tasks; sized to finish on 2 CPU cores (a GPU run drops POOL_FRACTION and raises the sizes).
+# reference, the eight tasks, three seeds over selection and training; sized for 2 CPU cores (a GPU run drops
+# POOL_FRACTION and raises the sizes).
 # 04_ablate runs its one experiment (Quad at the same budget, trained and evaluated like 05's models); the
 # ablation grids (--no-ablations) are the default demo's.
 REAL_RUN ?= runs/real-smollm2
 REAL_ARGS ?= --pool '../shared/data/pool/*.jsonl.gz' --reference ../shared/data/reference/lambada_test.jsonl.gz \
-	--eval-dir ../shared/data/eval --lambada --no-ablations --budget-fraction 0.01 --seeds 0 \
+	--eval-dir ../shared/data/eval --lambada --no-ablations --budget-fraction 0.01 --seeds 0 1 2 \
 	--train-tokens 4096 --task-limit 10 --set POOL_FRACTION=0.1 --set PROXY_MODEL=smollm2-135m \
 	--set TOKENIZER_VOCAB=null --set 'COMPARE=["kfac_joint_qkv"]' --set FIT_DOCS=32 \
 	--set REFERENCE_DOCS=64 --set SAMPLES_PER_CLUSTER=2 \
