@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from quadlib.evaluation.items import ITEM_COLUMNS, ITEMS_FILE
+from quadlib.evaluation.items import ITEM_COLUMNS, ITEMS_FILE, UNTRAINED
 from quadlib.evaluation.train_eval import EVAL_STEP, METRICS_FILE
 
 COUNT_SUFFIXES = ("/n", "_n", "_tokens")  # bookkeeping, not results
@@ -477,7 +477,7 @@ def _paired_to_every_seed(items: pd.DataFrame, method: str, seeds: Sequence[int]
 
 def seed_table(items: pd.DataFrame, tidy: pd.DataFrame, costs: pd.DataFrame | None = None,
                metrics: Sequence[str] = SEED_TABLE_METRICS, baseline: str = "random",
-               reference: str | None = "untrained", order: Sequence[str] | None = None,
+               reference: str | None = UNTRAINED, order: Sequence[str] | None = None,
                alpha: float = 0.05) -> pd.DataFrame:
     """Every method over its seeds, as text: per metric its mean ± sd over seeds (`tidy`, the column
     named with the metric's unit), its paired
@@ -493,8 +493,9 @@ def seed_table(items: pd.DataFrame, tidy: pd.DataFrame, costs: pd.DataFrame | No
     summary = summarize(tidy[tidy["metric"].isin(metrics)]).set_index(["method", "metric"])
     against = {}
     for other in [m for m in (reference, baseline) if m is not None and m in set(items["method"])]:
-        chosen = items if other == reference else items[items["method"] != reference]
-        compared = _paired_to_every_seed(chosen, other, seeds) if other == reference else chosen
+        # the reference pairs with every seed; Random's family of tests leaves the reference out
+        compared = (_paired_to_every_seed(items, other, seeds) if other == reference
+                    else items[items["method"] != reference])
         against[other] = paired_differences(compared, other, list(metrics), alpha=alpha).set_index(["method", "metric"])
     cost = costs.set_index("method") if costs is not None and not costs.empty else pd.DataFrame()
     rows = []
